@@ -1,0 +1,1 @@
+"""The `inco` command line."""

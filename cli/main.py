@@ -1,0 +1,122 @@
+"""``inco``: the command line. ``inco run`` runs one experiment in-process, with no service."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from cli.render import RichReporter, results_table
+from inco_core.config import METHODS, PRESETS, load_spec
+from inco_core.errors import InCoError
+from server.settings import Settings
+
+app = typer.Typer(
+    name="inco",
+    help="InCo: instance-contrast pretraining and evaluation for steel-defect recognition.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """InCo: instance-contrast pretraining and evaluation for steel-defect recognition."""
+
+
+EVAL_CHOICES = {"finetune": ["finetune"], "linear": ["linear"], "both": ["finetune", "linear"]}
+
+
+def fail(message: str) -> None:
+    """One red line on stderr, exit 1: the CLI never shows a traceback for a user's mistake."""
+    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key.path=value`` pairs; values are JSON when they parse (numbers, true, null, lists)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            fail(f"--set takes key=value, like --set pretrain.epochs=10 (got {pair!r})")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+@app.command()
+def run(
+    method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "inco",
+    ratio: Annotated[list[str] | None, typer.Option(help="label ratio 1:N; repeat for several")] = None,
+    eval_: Annotated[str, typer.Option("--eval", help="finetune, linear or both")] = "finetune",
+    preset: Annotated[str, typer.Option(help=f"one of {', '.join(PRESETS)}")] = "cpu",
+    data: Annotated[Path | None, typer.Option(help="image folder (class sub-folders); default $INCO_DATA")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="seed; repeat for several (mean and std)")] = None,
+    optimizer: Annotated[str, typer.Option(help="pretraining optimiser: default or paper-literal")] = "default",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set pretrain.epochs=10")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="run folder; default $INCO_HOME/runs/<time>-<method>")] = None,
+    reuse: Annotated[bool, typer.Option(help="reuse a cached pretrained backbone when one matches")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result JSON on stdout")] = False,
+) -> None:
+    """Pretrain (or reuse a backbone), evaluate at every ratio, print and save the results."""
+    from inco_core.experiment import Experiment  # torch loads here, not for --help
+
+    settings = Settings()
+    data_path = data or settings.data
+    if data_path is None:
+        fail("no data set given: pass --data PATH (a folder of class sub-folders) or set INCO_DATA")
+    if eval_ not in EVAL_CHOICES:
+        fail(f"--eval must be finetune, linear or both (got {eval_!r})")
+    try:
+        spec = load_spec(
+            {
+                "method": method,
+                "data": {"path": str(data_path)},
+                "ratios": ratio or ["1:16"],
+                "evals": EVAL_CHOICES[eval_],
+                "preset": preset,
+                "optimizer": optimizer,
+                "overrides": parse_overrides(set_ or []),
+                "seeds": seed or [0],
+                "resources": {"device": device},
+            }
+        )
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        run_dir = out or settings.runs_dir / f"{stamp}-{method}-{uuid.uuid4().hex[:6]}"
+        with RichReporter(err_console) as reporter:
+            experiment = Experiment(
+                spec,
+                run_dir=run_dir,
+                cache_dir=settings.cache_dir,
+                reuse_backbones=reuse,
+                reporter=reporter,
+            )
+            result = experiment.run()
+    except InCoError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        err_console.print("[yellow]Interrupted.[/]")
+        raise typer.Exit(130) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    console = Console()
+    console.print(results_table(result))
+    console.print(f"run folder: {result['run_dir']}  (result.json, checkpoints/)", highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,354 @@
+"""The run spec: one definition of a job, shared by ``inco run``, the API, the worker and Ray.
+
+A :class:`RunSpec` names *what* to run (method, data, ratios, evaluations, seeds, resources) and a
+preset plus overrides for *how*. :meth:`RunSpec.resolve` turns preset + overrides into the full
+:class:`TrainingConfig`, which is what checkpoints and results record.
+
+Presets (see ``docs/protocol.md`` of the project):
+
+========  =====  ===============  ================  ==========================================
+preset    input  pretrain epochs  fine-tune epochs  use
+========  =====  ===============  ================  ==========================================
+paper     200    200              200               the real experiment, on GPUs
+cpu       64     30               50                a reduced run on 2 CPU cores
+smoke     32     1                2                 tests: 256 pretraining images, seconds
+========  =====  ===============  ================  ==========================================
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from inco_core.errors import ConfigError
+
+MethodName = Literal["inco", "simclr", "mocov2", "simsiam", "supervised"]
+METHODS: tuple[str, ...] = ("inco", "simclr", "mocov2", "simsiam", "supervised")
+EvalMode = Literal["finetune", "linear"]
+PresetName = Literal["paper", "cpu", "smoke"]
+PRESETS: tuple[str, ...] = ("paper", "cpu", "smoke")
+MAX_RATIO = 256
+
+_RATIO_RE = re.compile(r"^\s*1\s*:\s*(\d+)\s*$")
+
+
+def parse_ratio(text: str) -> int:
+    """Return N for a label ratio written ``1:N``.
+
+    Raises:
+        ConfigError: the text is not ``1:N`` with 1 <= N <= 256.
+    """
+    match = _RATIO_RE.match(str(text))
+    if match is None:
+        raise ConfigError(f"ratio must look like 1:16 (got {str(text)!r})")
+    n = int(match.group(1))
+    if not 1 <= n <= MAX_RATIO:
+        raise ConfigError(f"ratio 1:N needs N between 1 and {MAX_RATIO} (got {str(text)!r})")
+    return n
+
+
+def _normalise_ratio(text: str) -> str:
+    try:
+        return f"1:{parse_ratio(text)}"
+    except ConfigError as exc:  # pydantic turns ValueError into a field error
+        raise ValueError(str(exc)) from None
+
+
+Ratio = Annotated[str, AfterValidator(_normalise_ratio)]
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are errors, so a typo in an override never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimConfig(StrictModel):
+    """Optimiser and learning-rate schedule of one training stage."""
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, le=1000)
+
+    @classmethod
+    def paper_literal(cls) -> OptimConfig:
+        """The paper's stated setting: Adam, learning rate 0.3, no schedule."""
+        return cls(name="adam", lr=0.3, momentum=0.9, weight_decay=0.0, schedule="constant")
+
+
+OPTIMISERS = ("default", "paper-literal")
+
+
+class AugmentConfig(StrictModel):
+    """The paper's augmentations, identical for every method."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = Field(0.4, ge=0, le=1)
+    contrast: float = Field(0.4, ge=0, le=1)
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _ordered_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0 < lo <= hi:
+            raise ValueError(f"needs 0 < low <= high (got {lo}, {hi})")
+        return v
+
+
+class InCoConfig(StrictModel):
+    """BID + DWV (InCo, Electronics Letters 2021, eqs. 1-3)."""
+
+    views: int = Field(5, ge=2, le=64, description="K, augmented views per image")
+    temperature: float = Field(1.0, gt=0, le=100, description="T of the BID softmax")
+    t1: float | None = Field(None, ge=0, description="epoch where weight(t) starts to rise")
+    t2: float | None = Field(None, gt=0, description="epoch where weight(t) reaches a_f")
+    a_f: float = Field(1.0, ge=0, le=1000, description="final DWV weight; 0 = InCo without DWV")
+    dwv_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="square of eq. 2 averaged (default) or summed over embedding dims"
+    )
+
+    @model_validator(mode="after")
+    def _t1_before_t2(self) -> InCoConfig:
+        if self.t1 is not None and self.t2 is not None and self.t2 <= self.t1:
+            raise ValueError(f"t2 must be greater than t1 (got t1={self.t1}, t2={self.t2})")
+        return self
+
+    def ramp(self, epochs: int) -> tuple[float, float]:
+        """(T1, T2) in epochs: explicit, or 0.15 and 0.75 of the run (30 and 150 of 200)."""
+        t1 = self.t1 if self.t1 is not None else 0.15 * epochs
+        t2 = self.t2 if self.t2 is not None else 0.75 * epochs
+        if t2 <= t1:
+            raise ConfigError(f"inco.t2 must be greater than inco.t1 (got {t1} and {t2})")
+        return t1, t2
+
+
+class SimCLRConfig(StrictModel):
+    temperature: float = Field(0.5, gt=0, le=100)
+    hidden_dim: int = Field(512, ge=8, le=8192)
+    out_dim: int = Field(128, ge=8, le=8192)
+
+
+class MoCoConfig(StrictModel):
+    temperature: float = Field(0.2, gt=0, le=100)
+    momentum: float = Field(0.99, ge=0, lt=1)
+    queue_size: int = Field(512, ge=8, le=65536, description="below the 1,080 training images")
+    hidden_dim: int = Field(512, ge=8, le=8192)
+    out_dim: int = Field(128, ge=8, le=8192)
+
+
+class SimSiamConfig(StrictModel):
+    proj_dim: int = Field(512, ge=8, le=8192)
+    pred_hidden_dim: int = Field(128, ge=8, le=8192)
+
+
+class PretrainConfig(StrictModel):
+    epochs: int = Field(ge=1, le=10_000)
+    batch_size: int = Field(64, ge=2, le=8192, description="global batch (n of BID)")
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    images: Literal["train", "labelled"] = Field(
+        "train", description="pretrain on all training images, or on the labelled subset only"
+    )
+    max_images: int | None = Field(
+        None, ge=2, description="pretrain on a seeded sample of this many images (smoke runs)"
+    )
+    knn_every: int = Field(1, ge=0, le=10_000, description="kNN monitor period; 0 turns it off")
+    knn_k: int = Field(20, ge=1, le=1000)
+    inco: InCoConfig = InCoConfig()
+    simclr: SimCLRConfig = SimCLRConfig()
+    mocov2: MoCoConfig = MoCoConfig()
+    simsiam: SimSiamConfig = SimSiamConfig()
+
+
+class EvalConfig(StrictModel):
+    """Fine-tuning (whole network) or linear evaluation (frozen backbone) on the labelled subset."""
+
+    epochs: int = Field(ge=1, le=10_000)
+    batch_size: int = Field(64, ge=2, le=8192)
+    optim: OptimConfig = OptimConfig(lr=0.03, weight_decay=5e-4)
+    backbone_lr_scale: float = Field(0.1, ge=0, le=10, description="fine-tune: backbone lr = head lr x this")
+    augment: AugmentConfig | None = Field(
+        AugmentConfig(crop_scale=(0.5, 1.0)),
+        description="fine-tune on augmented views of the labelled images; null for none",
+    )
+
+
+class TrainingConfig(StrictModel):
+    """Everything a preset fixes; any field can be overridden per job."""
+
+    image_size: int = Field(ge=16, le=1024)
+    pretrain: PretrainConfig
+    finetune: EvalConfig
+    linear: EvalConfig
+
+
+def preset_config(name: str) -> TrainingConfig:
+    """The defaults of preset ``name`` (``paper``, ``cpu`` or ``smoke``)."""
+    if name == "paper":
+        return TrainingConfig(
+            image_size=200,
+            pretrain=PretrainConfig(epochs=200),
+            finetune=EvalConfig(epochs=200),
+            linear=EvalConfig(epochs=200),
+        )
+    if name == "cpu":
+        return TrainingConfig(
+            image_size=64,
+            pretrain=PretrainConfig(epochs=30),
+            finetune=EvalConfig(epochs=50),
+            linear=EvalConfig(epochs=100),
+        )
+    if name == "smoke":
+        return TrainingConfig(
+            image_size=32,
+            pretrain=PretrainConfig(epochs=1, max_images=256, knn_every=1),
+            finetune=EvalConfig(epochs=2),
+            linear=EvalConfig(epochs=2),
+        )
+    raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+
+
+def _expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{'pretrain.epochs': 3} -> {'pretrain': {'epochs': 3}}; nested dicts pass through."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override of {part!r}")
+            node = child
+        if isinstance(value, dict):
+            value = _expand_dotted(value)
+            existing = node.get(parts[-1])
+            if isinstance(existing, dict):
+                value = _deep_merge(existing, value)
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling against the run spec's fields"
+        parts.append(f"{prefix}{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+class DataSpec(StrictModel):
+    """Where the images are and how the train/test split is drawn."""
+
+    path: str = Field(min_length=1, description="folder of class sub-folders, or NEU-style files")
+    split_seed: int = Field(0, ge=0, le=2**31 - 1)
+    train_fraction: float = Field(0.6, gt=0, lt=1)
+
+
+class Resources(StrictModel):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=1, le=256)
+    gpus_per_worker: float = Field(0, ge=0, le=16)
+
+
+class RunSpec(StrictModel):
+    """One job: a method, pretrained once per seed, evaluated at each ratio and evaluation."""
+
+    method: MethodName = "inco"
+    data: DataSpec
+    ratios: list[Ratio] = Field(default_factory=lambda: ["1:16"], min_length=1, max_length=16)
+    evals: list[EvalMode] = Field(default_factory=lambda: ["finetune"], min_length=1)
+    preset: PresetName = "cpu"
+    optimizer: Literal["default", "paper-literal"] = Field(
+        "default", description="pretraining optimiser: ours, or the paper's Adam at lr 0.3"
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="fields of the preset to change, nested or dotted"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=32)
+    resources: Resources = Resources()
+
+    @field_validator("ratios", "evals", "seeds")
+    @classmethod
+    def _unique(cls, v: list[Any]) -> list[Any]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"list has repeated entries: {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, v: list[int]) -> list[int]:
+        for s in v:
+            if not 0 <= s < 2**31:
+                raise ValueError(f"seeds must be between 0 and 2**31-1 (got {s})")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RunSpec:
+        if self.method == "supervised" and "linear" in self.evals:
+            raise ValueError(
+                "supervised trains from scratch on the labelled images and has no pretrained "
+                "backbone to evaluate linearly; use evals ['finetune']"
+            )
+        self.resolve()  # overrides must produce a valid config
+        return self
+
+    def resolve(self) -> TrainingConfig:
+        """Preset defaults, then the optimiser choice, then the overrides, validated."""
+        base = preset_config(self.preset).model_dump()
+        if self.optimizer == "paper-literal":
+            base["pretrain"]["optim"] = OptimConfig.paper_literal().model_dump()
+        merged = _deep_merge(base, _expand_dotted(self.overrides))
+        try:
+            return TrainingConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, prefix="overrides.")) from None
+
+    @property
+    def ratio_values(self) -> list[int]:
+        return [parse_ratio(r) for r in self.ratios]
+
+
+def load_spec(data: dict[str, Any]) -> RunSpec:
+    """Validate a run spec from plain data, turning pydantic's error into a :class:`ConfigError`."""
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def config_hash(payload: Any) -> str:
+    """A stable short hash of JSON-able data (used to key pretrained backbones)."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

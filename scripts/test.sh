@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: installs everything into .venv, starts local services if down, runs pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+bash scripts/services.sh
+export INCO_TEST_DATA="${INCO_TEST_DATA:-$(cd .. && pwd)/shared/datasets/neu-cls}"
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "Error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
