@@ -124,7 +124,7 @@ class Experiment:
         self.reporter = reporter
         self.device = select_device(spec.resources.device)
         self.method_cls = method_class(spec.method)
-        self.pretrained: list[PretrainInfo] = []
+        self._backbones: dict[str, tuple[Backbone, PretrainInfo]] = {}  # by pretrain key
 
     # -- data -------------------------------------------------------------------------------
     def load(self) -> tuple[ImageSet, Split]:
@@ -162,15 +162,16 @@ class Experiment:
             if self.cache_dir and self.reuse_backbones
             else None
         )
-        for info in self.pretrained:
-            if info.key == key:
-                return self._load_backbone(Path(info.checkpoint)), info
+        if key in self._backbones:
+            return self._backbones[key]
         if cached is not None and cached.exists():
             blob = load_checkpoint(cached)
             _link_or_copy(cached, run_ckpt)
             info = PretrainInfo(seed, key, str(run_ckpt), True, len(indices), 0.0, blob["meta"].get("history", []))
-            self.pretrained.append(info)
-            return self._backbone_from(blob), info
+            backbone = prepare_model(Backbone(), self.device)
+            backbone.load_state_dict(blob["state_dict"])
+            self._backbones[key] = (backbone, info)
+            return self._backbones[key]
 
         torch.manual_seed(seed)
         method = prepare_model(build_method(self.spec.method, self.cfg.pretrain), self.device)
@@ -200,17 +201,11 @@ class Experiment:
         )
         if cached is not None:
             _link_or_copy(run_ckpt, cached)
-        info = PretrainInfo(seed, key, str(run_ckpt), False, len(indices), wall, history)
-        self.pretrained.append(info)
-        return method.backbone, info
-
-    def _backbone_from(self, blob: dict[str, Any]) -> Backbone:
-        backbone = Backbone()
-        backbone.load_state_dict(blob["state_dict"])
-        return prepare_model(backbone, self.device)
-
-    def _load_backbone(self, path: Path) -> Backbone:
-        return self._backbone_from(load_checkpoint(path))
+        self._backbones[key] = (
+            method.backbone,
+            PretrainInfo(seed, key, str(run_ckpt), False, len(indices), wall, history),
+        )
+        return self._backbones[key]
 
     # -- evaluation -------------------------------------------------------------------------
     def _evaluate(
@@ -308,7 +303,7 @@ class Experiment:
                     )
         result = {
             "results": [asdict(r) for r in rows],
-            "pretraining": [asdict(p) for p in self.pretrained],
+            "pretraining": [asdict(info) for _, info in self._backbones.values()],
             "spec": self.spec.model_dump(mode="json"),
             "config": self.cfg.model_dump(mode="json"),
             "data": {
