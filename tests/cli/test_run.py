@@ -17,7 +17,7 @@ def _inco(args: list[str], home: Path, **env: str) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         cwd=REPO,
-        env={**os.environ, "INCO_HOME": str(home), **env},
+        env={**os.environ, "INCO_HOME": str(home), "COLUMNS": "200", **env},
         capture_output=True,
         text=True,
         timeout=300,
