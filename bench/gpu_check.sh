@@ -46,13 +46,9 @@ python3 bench/throughput.py --device cuda --size 64 --batch 64 --views 5 --steps
 timeout "${PAPER_SECONDS:-240}" python3 - "$OUT" <<'PY' 2>&1 | tail -n 40
 import json, sys, time
 from pathlib import Path
+from bench.table1 import PrintReporter
 from inco_core.config import load_spec
 from inco_core.experiment import Experiment
-from inco_core.progress import EpochLog, NullReporter
-
-class Print(NullReporter):
-    def epoch_end(self, log: EpochLog) -> None:
-        print(log.stage, log.epoch, log.epochs, {k: round(v, 4) for k, v in log.metrics.items()}, flush=True)
 
 out = Path(sys.argv[1])
 epochs = int(__import__("os").environ.get("PAPER_EPOCHS", "20"))
@@ -60,7 +56,7 @@ spec = load_spec({"method": "inco", "data": {"path": ".data/neu-cls"}, "ratios":
                   "evals": ["finetune", "linear"], "preset": "paper",
                   "overrides": {"pretrain.epochs": epochs, "finetune.epochs": 100, "linear.epochs": 200}})
 t0 = time.time()
-result = Experiment(spec, run_dir=Path("/tmp/paper-run"), reporter=Print()).run()
+result = Experiment(spec, run_dir=Path("/tmp/paper-run"), reporter=PrintReporter()).run()
 result["note"] = f"paper preset with pretrain.epochs={epochs}; wall {time.time() - t0:.0f} s"
 (out / "paper-inco.json").write_text(json.dumps({k: v for k, v in result.items() if k != "pretraining"}, indent=1))
 for row in result["results"]:
