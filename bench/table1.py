@@ -182,7 +182,6 @@ def main() -> int:
                 spec,
                 run_dir=Path(args.work) / "runs" / f"{args.preset}-{name}",
                 cache_dir=Path(args.work) / "cache",
-                reuse_backbones=False,
                 reporter=PrintReporter(),
             ).run()
         except InCoError as exc:

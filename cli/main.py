@@ -72,7 +72,7 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON on stdout")] = False,
 ) -> None:
     """Pretrain (or reuse a backbone), evaluate at every ratio, print and save the results."""
-    from inco_core.experiment import Experiment  # torch loads here, not for --help
+    from inco_core.experiment import Experiment, FolderBackboneStore  # torch loads here, not for --help
 
     settings = Settings()
     data_path = data or settings.data
@@ -101,7 +101,7 @@ def run(
                 spec,
                 run_dir=run_dir,
                 cache_dir=settings.cache_dir,
-                reuse_backbones=reuse,
+                backbones=FolderBackboneStore(settings.cache_dir / "backbones") if reuse else None,
                 reporter=reporter,
             )
             result = experiment.run()

@@ -271,7 +271,14 @@ def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
 class DataSpec(StrictModel):
     """Where the images are and how the train/test split is drawn."""
 
-    path: str = Field(min_length=1, description="folder of class sub-folders, or NEU-style files")
+    path: str | None = Field(
+        None, min_length=1, description="folder of class sub-folders, or NEU-style files (local runs)"
+    )
+    dataset: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="name of a data set registered with the service; the service fills in its path",
+    )
     split_seed: int = Field(0, ge=0, le=2**31 - 1)
     train_fraction: float = Field(0.6, gt=0, lt=1)
 
@@ -286,7 +293,7 @@ class RunSpec(StrictModel):
     """One job: a method, pretrained once per seed, evaluated at each ratio and evaluation."""
 
     method: MethodName = "inco"
-    data: DataSpec
+    data: DataSpec = DataSpec()
     ratios: list[Ratio] = Field(default_factory=lambda: ["1:16"], min_length=1, max_length=16)
     evals: list[EvalMode] = Field(default_factory=lambda: ["finetune"], min_length=1)
     preset: PresetName = "cpu"

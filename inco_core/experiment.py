@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from inco_core.checkpoint import code_version, load_checkpoint, save_checkpoint
 from inco_core.config import METHODS, RunSpec, TrainingConfig, config_hash
 from inco_core.data import ImageSet, load_images
 from inco_core.device import hardware, prepare_model, select_device
+from inco_core.errors import CheckpointError, ConfigError
 from inco_core.evaluate import EvalData, KnnMonitor, Metrics, finetune, linear_eval
 from inco_core.methods import build_method, method_class
 from inco_core.models import Backbone
@@ -103,6 +104,36 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+class BackboneStore(Protocol):
+    """Where pretrained backbones are kept for reuse, keyed by :func:`pretrain_key`.
+
+    ``inco run`` uses :class:`FolderBackboneStore`; the service keeps them in its artifact store and
+    records each one in its SQL store.
+    """
+
+    def find(self, method: str, key: str) -> Path | None:
+        """A checkpoint of the backbone with this key, or None."""
+        ...
+
+    def add(self, method: str, key: str, checkpoint: Path, info: PretrainInfo) -> None:
+        """Keep a freshly trained backbone (``checkpoint`` may be moved or linked, not changed)."""
+        ...
+
+
+class FolderBackboneStore:
+    """Backbones as ``{method}-{key}.pt`` files in one folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def find(self, method: str, key: str) -> Path | None:
+        path = self.folder / f"{method}-{key}.pt"
+        return path if path.exists() else None
+
+    def add(self, method: str, key: str, checkpoint: Path, info: PretrainInfo) -> None:
+        _link_or_copy(checkpoint, self.folder / f"{method}-{key}.pt")
+
+
 class Experiment:
     """Runs a :class:`RunSpec`. ``cache_dir`` holds decoded images and pretrained backbones for
     reuse across runs; ``run_dir`` receives checkpoints and ``result.json``."""
@@ -113,21 +144,40 @@ class Experiment:
         *,
         run_dir: Path,
         cache_dir: Path | None = None,
-        reuse_backbones: bool = True,
+        backbones: BackboneStore | None = None,
+        pretrained: dict[int, Path] | None = None,
         reporter: Reporter | None = None,
     ) -> None:
+        """
+        cache_dir: decoded images, reused across runs (None: decode every time).
+        backbones: where pretrained backbones are looked up and kept (None: always pretrain).
+        pretrained: a backbone checkpoint per seed to evaluate instead of pretraining (a
+            fine-tune job that follows a pretrain job).
+        """
         self.spec = spec
-        self.reuse_backbones = reuse_backbones
         self.cfg = spec.resolve()
         self.run_dir = Path(run_dir)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.backbones = backbones
+        self.pretrained = pretrained or {}
         self.reporter = reporter
         self.device = select_device(spec.resources.device)
         self.method_cls = method_class(spec.method)
+        if self.pretrained and not self.method_cls.pretrains:
+            raise ConfigError(f"method {spec.method!r} trains from scratch and takes no pretrained backbone")
+        missing = [s for s in spec.seeds if self.pretrained and s not in self.pretrained]
+        if missing:
+            raise ConfigError(f"no pretrained backbone given for seed(s) {missing}: pretrain them first")
         self._backbones: dict[str, tuple[Backbone, PretrainInfo]] = {}  # by pretrain key
+
+    def _stage(self, name: str, seed: int) -> str:
+        """Stage names are unique within a run: the seed is added when there are several."""
+        return name if len(self.spec.seeds) == 1 else f"{name} seed {seed}"
 
     # -- data -------------------------------------------------------------------------------
     def load(self) -> tuple[ImageSet, Split]:
+        if not self.spec.data.path:
+            raise ConfigError("the run spec names no image folder: set data.path (inco run --data PATH)")
         ds = load_images(
             self.spec.data.path,
             self.cfg.image_size,
@@ -154,30 +204,47 @@ class Experiment:
     def backbone_for(
         self, ds: ImageSet, indices: Tensor, monitor_idx: Tensor, seed: int
     ) -> tuple[Backbone, PretrainInfo]:
-        """A pretrained backbone: from the cache when the same one was trained before."""
+        """A pretrained backbone: given, found in the backbone store, or trained (resuming from
+        this run's last epoch checkpoint when there is one)."""
         key = pretrain_key(self.spec.method, self.cfg, ds.fingerprint, indices, seed)
-        run_ckpt = self.run_dir / "checkpoints" / f"pretrain-{self.spec.method}-seed{seed}-{key[:8]}.pt"
-        cached = (
-            self.cache_dir / "backbones" / f"{self.spec.method}-{key}.pt"
-            if self.cache_dir and self.reuse_backbones
-            else None
-        )
         if key in self._backbones:
             return self._backbones[key]
-        if cached is not None and cached.exists():
-            blob = load_checkpoint(cached)
-            _link_or_copy(cached, run_ckpt)
-            info = PretrainInfo(seed, key, str(run_ckpt), True, len(indices), 0.0, blob["meta"].get("history", []))
+        found = self.pretrained.get(seed) or (self.backbones.find(self.spec.method, key) if self.backbones else None)
+        if found is not None:
+            blob = load_checkpoint(found)
+            if blob.get("kind") != "pretrain" or blob.get("method") != self.spec.method:
+                raise CheckpointError(
+                    f"{found} holds a {blob.get('kind')} checkpoint of {blob.get('method')!r}, "
+                    f"not a pretrained {self.spec.method!r} backbone"
+                )
+            meta = blob["meta"]
+            info = PretrainInfo(
+                seed, meta.get("key", key), str(found), True, int(meta.get("images", len(indices))), 0.0,
+                meta.get("history", []),
+            )  # fmt: skip
             backbone = prepare_model(Backbone(), self.device)
             backbone.load_state_dict(blob["state_dict"])
             self._backbones[key] = (backbone, info)
             return self._backbones[key]
 
+        run_ckpt = self.run_dir / "checkpoints" / f"pretrain-{self.spec.method}-seed{seed}-{key[:8]}.pt"
+        resume_ckpt = run_ckpt.with_name(run_ckpt.stem + "-last.pt")
         torch.manual_seed(seed)
         method = prepare_model(build_method(self.spec.method, self.cfg.pretrain), self.device)
         monitor = KnnMonitor(
             ds.images[monitor_idx].to(self.device), ds.labels[monitor_idx], self.cfg.pretrain, self.device
         )
+        resume_ckpt.parent.mkdir(parents=True, exist_ok=True)
+        resume = None
+        if resume_ckpt.exists():
+            resume = torch.load(resume_ckpt, map_location="cpu", weights_only=True)
+
+        def keep_last(epoch: int, make_state: Any) -> None:
+            if epoch < self.cfg.pretrain.epochs:
+                tmp = resume_ckpt.with_name(f".{resume_ckpt.name}.tmp{os.getpid()}")
+                torch.save(make_state(), tmp)
+                os.replace(tmp, resume_ckpt)
+
         t0 = time.perf_counter()
         run = pretrain(
             method,
@@ -187,6 +254,9 @@ class Experiment:
             device=self.device,
             reporter=self.reporter,
             monitor=monitor,
+            resume=resume,
+            on_epoch_end=keep_last,
+            stage=self._stage("pretrain", seed),
         )
         wall = time.perf_counter() - t0
         history = [asdict(log) for log in run.history]
@@ -197,14 +267,20 @@ class Experiment:
             state_dict=method.backbone.state_dict(),
             config=self.cfg.model_dump(mode="json"),
             data_fingerprint=ds.fingerprint,
-            meta={"seed": seed, "key": key, "images": len(indices), "history": history, "wall_time_s": wall},
+            meta={
+                "seed": seed,
+                "key": key,
+                "images": len(indices),
+                "history": history,
+                "wall_time_s": wall,
+                "resumed_at_epoch": int(resume["epoch"]) if resume else None,
+            },
         )
-        if cached is not None:
-            _link_or_copy(run_ckpt, cached)
-        self._backbones[key] = (
-            method.backbone,
-            PretrainInfo(seed, key, str(run_ckpt), False, len(indices), wall, history),
-        )
+        resume_ckpt.unlink(missing_ok=True)
+        info = PretrainInfo(seed, key, str(run_ckpt), False, len(indices), wall, history)
+        if self.backbones is not None:
+            self.backbones.add(self.spec.method, key, run_ckpt, info)
+        self._backbones[key] = (method.backbone, info)
         return self._backbones[key]
 
     # -- evaluation -------------------------------------------------------------------------
@@ -245,8 +321,8 @@ class Experiment:
         )
         return metrics, str(ckpt)
 
-    def run(self) -> dict[str, Any]:
-        """Run everything; write and return the ``result.json`` content."""
+    def run(self, *, pretrain_only: bool = False) -> dict[str, Any]:
+        """Run everything (or only the pretraining); write and return the ``result.json`` content."""
         t_start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ds, split = self.load()
@@ -256,6 +332,12 @@ class Experiment:
         for seed in self.spec.seeds:
             subsets = labelled_subsets(ds.labels, split.train, ds.classes, ratios, seed=seed)
             monitor_idx = subsets[min(ratios)]
+            if pretrain_only:
+                if not self.method_cls.pretrains:
+                    raise ConfigError(f"method {self.spec.method!r} has no pretraining stage")
+                for ratio in sorted(ratios):  # pretraining on labelled images depends on the ratio
+                    self.backbone_for(ds, self._pretrain_indices(split, subsets[ratio], seed), monitor_idx, seed)
+                continue
             for ratio in ratios:
                 info = None
                 if self.method_cls.pretrains:
@@ -273,7 +355,7 @@ class Experiment:
                 )
                 for mode in self.spec.evals:
                     t0 = time.perf_counter()
-                    stage = f"{mode} 1:{ratio}"
+                    stage = self._stage(f"{mode} 1:{ratio}", seed)
                     metrics, ckpt = self._evaluate(
                         mode,
                         backbone,

@@ -1,7 +1,21 @@
 """Service settings: one pydantic-settings class, ``INCO_`` environment variables, read at the edge.
 
-Entry points (the CLI, later the API and the worker) build :class:`Settings` once and pass values
-down; ``inco_core`` never reads the environment.
+Entry points (the CLI, the API, the worker) build :class:`Settings` once and pass values down;
+``inco_core`` never reads the environment.
+
+=======================  ===================================  ==========================================
+variable                 default                              what
+=======================  ===================================  ==========================================
+INCO_HOME                ~/.inco                              runs, caches, the SQLite store, stack state
+INCO_DATA                (none)                               data set folder for ``inco run``/``inco up``
+INCO_DATA_ROOT           $INCO_HOME/data                      folders ``POST /v1/datasets`` may register
+INCO_DATABASE_URL        sqlite:///$INCO_HOME/inco.db         SQL store (``postgresql://...`` in production)
+INCO_REDIS_URL           redis://127.0.0.1:6379/0             job queue
+INCO_ARTIFACTS           $INCO_HOME/artifacts                 checkpoints (shared storage on a cluster)
+INCO_API_URL             http://127.0.0.1:8000                where the CLI finds the API
+INCO_TOKEN               (local stack's token)                the CLI's bearer token
+INCO_QUEUE               inco                                 Redis queue name
+=======================  ===================================  ==========================================
 """
 
 from __future__ import annotations
@@ -17,6 +31,15 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path.home() / ".inco", description="runs, caches, the local store")
     data: Path | None = Field(None, description="default data set folder for jobs that name none")
+    data_root: Path | None = Field(None, description="folders the API may register as data sets")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the store; default SQLite in home")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the job queue")
+    artifacts: Path | None = Field(None, description="artifact store folder; default home/artifacts")
+    api_url: str = Field("http://127.0.0.1:8000", description="the API, for the CLI")
+    token: str | None = Field(None, description="bearer token for the CLI")
+    queue: str = Field("inco", min_length=1, description="Redis queue name")
+    job_retries: int = Field(2, ge=0, le=100, description="re-runs of a job whose worker died")
+    job_timeout_s: int = Field(7 * 24 * 3600, ge=10, description="longest a job may run")
 
     @property
     def runs_dir(self) -> Path:
@@ -25,3 +48,20 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'inco.db'}"
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.artifacts or self.home / "artifacts"
+
+    @property
+    def data_root_dir(self) -> Path:
+        return self.data_root or self.home / "data"
+
+    @property
+    def stack_file(self) -> Path:
+        """What ``inco up`` started (pids, ports, the local token)."""
+        return self.home / "stack.json"

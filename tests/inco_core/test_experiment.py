@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from inco_core.config import load_spec
-from inco_core.experiment import Experiment
+from inco_core.errors import CheckpointError, ConfigError
+from inco_core.experiment import Experiment, FolderBackboneStore
 from inco_core.progress import RecordingReporter
 
 
@@ -21,7 +22,10 @@ def _spec(neu_path: Path, **kw) -> object:
 def test_inco_smoke_experiment_and_backbone_reuse(neu_path: Path, tmp_path: Path) -> None:
     spec = _spec(neu_path, method="inco", ratios=["1:32", "1:8"], evals=["finetune", "linear"])
     reporter = RecordingReporter()
-    result = Experiment(spec, run_dir=tmp_path / "run1", cache_dir=tmp_path / "cache", reporter=reporter).run()
+    store = FolderBackboneStore(tmp_path / "backbones")
+    result = Experiment(
+        spec, run_dir=tmp_path / "run1", cache_dir=tmp_path / "cache", backbones=store, reporter=reporter
+    ).run()
 
     rows = result["results"]
     assert [(r["ratio"], r["eval"]) for r in rows] == [
@@ -50,14 +54,16 @@ def test_inco_smoke_experiment_and_backbone_reuse(neu_path: Path, tmp_path: Path
     # same method, pretrain config, data and seed: the backbone is reused, not trained again
     again = _spec(neu_path, method="inco", ratios=["1:16"], evals=["linear"])
     reporter2 = RecordingReporter()
-    second = Experiment(again, run_dir=tmp_path / "run2", cache_dir=tmp_path / "cache", reporter=reporter2).run()
+    second = Experiment(
+        again, run_dir=tmp_path / "run2", cache_dir=tmp_path / "cache", backbones=store, reporter=reporter2
+    ).run()
     assert second["pretraining"][0]["reused"] is True
     assert second["pretraining"][0]["key"] == result["pretraining"][0]["key"]
     assert "pretrain" not in [log.stage for log in reporter2.epochs]
 
     # another seed or another pretrain config is another backbone
     third = _spec(neu_path, method="inco", ratios=["1:16"], evals=["linear"], overrides={"pretrain.inco.a_f": 0})
-    out = Experiment(third, run_dir=tmp_path / "run3", cache_dir=tmp_path / "cache").run()
+    out = Experiment(third, run_dir=tmp_path / "run3", cache_dir=tmp_path / "cache", backbones=store).run()
     assert out["pretraining"][0]["reused"] is False
     assert out["results"][0]["variant"] == "InCo without DWV"
 
@@ -80,3 +86,50 @@ def test_supervised_trains_from_scratch_without_pretraining(neu_path: Path, tmp_
     result = Experiment(spec, run_dir=tmp_path / "sup").run()
     assert result["pretraining"] == []
     assert result["results"][0]["variant"] == "Supervised" and 0 <= result["results"][0]["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_pretrain_only_then_finetune_from_the_given_backbone(neu_path: Path, tmp_path: Path) -> None:
+    spec = _spec(neu_path, method="simclr", ratios=["1:32"])
+    first = Experiment(spec, run_dir=tmp_path / "pre").run(pretrain_only=True)
+    assert first["results"] == [] and len(first["pretraining"]) == 1
+    ckpt = Path(first["pretraining"][0]["checkpoint"])
+    reporter = RecordingReporter()
+    second = Experiment(spec, run_dir=tmp_path / "ft", pretrained={0: ckpt}, reporter=reporter).run()
+    assert second["pretraining"][0]["reused"] is True and second["pretraining"][0]["checkpoint"] == str(ckpt)
+    assert [log.stage for log in reporter.epochs] == ["finetune 1:32", "finetune 1:32"]
+    with pytest.raises(ConfigError, match="seed"):
+        Experiment(_spec(neu_path, method="simclr", seeds=[1]), run_dir=tmp_path / "x", pretrained={0: ckpt})
+    with pytest.raises(CheckpointError, match="not a pretrained 'inco'"):
+        Experiment(_spec(neu_path, method="inco"), run_dir=tmp_path / "y", pretrained={0: ckpt}).run()
+
+
+class _StopAfter(RecordingReporter):
+    """Raises after ``n`` pretraining epochs, like a worker that dies mid-run."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def step(self, stage: str, logs: dict[str, float]) -> None:
+        if stage == "pretrain" and len(self.epochs) == self.n:  # in the middle of epoch n + 1
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_pretraining_resumes_from_its_last_epoch(neu_path: Path, tmp_path: Path) -> None:
+    spec = _spec(neu_path, method="inco", overrides={"pretrain.epochs": 3, "pretrain.max_images": 64})
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(spec, run_dir=tmp_path / "run", reporter=_StopAfter(2)).run(pretrain_only=True)
+    assert list((tmp_path / "run" / "checkpoints").glob("*-last.pt"))
+    reporter = RecordingReporter()
+    out = Experiment(spec, run_dir=tmp_path / "run", reporter=reporter).run(pretrain_only=True)
+    assert [log.epoch for log in reporter.epochs] == [3]  # epochs 1 and 2 were not trained again
+    assert not list((tmp_path / "run" / "checkpoints").glob("*-last.pt"))
+    assert torch.load(out["pretraining"][0]["checkpoint"], weights_only=True)["meta"]["resumed_at_epoch"] == 2
+
+
+def test_stage_names_carry_the_seed_when_there_are_several(neu_path: Path, tmp_path: Path) -> None:
+    exp = Experiment(_spec(neu_path, seeds=[0, 1]), run_dir=tmp_path)
+    assert exp._stage("pretrain", 1) == "pretrain seed 1"
+    assert Experiment(_spec(neu_path), run_dir=tmp_path)._stage("pretrain", 0) == "pretrain"
