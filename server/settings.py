@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     token: str | None = Field(None, description="bearer token for the CLI")
     queue: str = Field("inco", min_length=1, description="Redis queue name")
     job_retries: int = Field(2, ge=0, le=100, description="re-runs of a job whose worker died")
+    cpus_per_worker: int = Field(1, ge=1, le=1024, description="CPUs each Ray Train worker asks for")
     job_timeout_s: int = Field(7 * 24 * 3600, ge=10, description="longest a job may run")
 
     @property

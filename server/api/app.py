@@ -1,0 +1,72 @@
+"""The FastAPI application (``inco serve``; ASGI entry point ``server.api.app:app``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server import queue
+from server.api import errors
+from server.api.routes import datasets, jobs, results
+from server.errors import ServiceUnavailable
+from server.settings import Settings
+from server.store.db import make_engine, migrate, ping
+
+API_VERSION = "1"
+
+
+def create_app(settings: Settings | None = None, *, run_migrations: bool = True) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if run_migrations:
+            migrate(app.state.engine)
+        yield
+        app.state.engine.dispose()
+        app.state.redis.close()
+
+    app = FastAPI(
+        title="InCo service",
+        version=API_VERSION,
+        description="Instance-contrast pretraining and few-label evaluation of steel-defect classifiers. "
+        "Every route under /v1 needs `Authorization: Bearer <token>`; a team sees only its own jobs, "
+        "data sets and results.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.db_url)
+    app.state.redis = queue.connect(settings.redis_url)
+    errors.install(app)
+    for module in (jobs, results, datasets):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "a dependency is down"}})
+    def readyz(request: Request) -> JSONResponse:
+        """Redis and the database answer."""
+        checks: dict[str, str] = {}
+        for name, check in (
+            ("database", lambda: ping(request.app.state.engine)),
+            ("redis", lambda: queue.ping(request.app.state.redis)),
+        ):
+            try:
+                check()
+                checks[name] = "ok"
+            except ServiceUnavailable as exc:
+                checks[name] = str(exc)
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503)
+
+    return app
+
+
+def app() -> FastAPI:  # uvicorn --factory server.api.app:app
+    return create_app()

@@ -1,0 +1,150 @@
+"""``/v1/jobs``: submit, list, inspect, follow and cancel jobs of the caller's team."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from sqlalchemy.exc import SQLAlchemyError
+
+from inco_core.errors import ConfigError
+from server import queue
+from server.api.deps import RedisDep, SessionDep, SettingsDep, TeamDep
+from server.errors import NotFound, StoreUnavailable
+from server.store import access
+from server.store.db import session_scope
+from server.store.models import (
+    JobCreate,
+    JobKind,
+    JobLogPublic,
+    JobPublic,
+    JobStatus,
+    MetricPublic,
+    ResultPublic,
+)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+DEFAULT_DATASET = "default"
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def submit_job(
+    body: JobCreate, team: TeamDep, session: SessionDep, redis: RedisDep, settings: SettingsDep
+) -> JobPublic:
+    """Validate a job, store it ``queued`` and put its id on the queue. If Redis is down the answer is
+    503 and nothing is stored."""
+    name = body.spec.data.dataset or DEFAULT_DATASET
+    try:
+        dataset = access.get_dataset(session, team_id=team.id, name=name)
+    except NotFound as exc:
+        raise ConfigError(f"spec.data.dataset: {exc}") from None
+    depends_on = None
+    if body.pretrained_job:
+        try:
+            parent = access.get_job(session, job_id=body.pretrained_job, team_id=team.id)
+        except NotFound:
+            raise ConfigError(f"pretrained_job: no job {body.pretrained_job!r} in your team") from None
+        if parent.kind != JobKind.pretrain:
+            raise ConfigError(f"pretrained_job: job {parent.id} is a {parent.kind} job, not a pretrain job")
+        if parent.spec.get("method") != body.spec.method:
+            raise ConfigError(
+                f"pretrained_job: job {parent.id} pretrained {parent.spec.get('method')!r}, "
+                f"but this job's method is {body.spec.method!r}"
+            )
+        if parent.status in (JobStatus.failed, JobStatus.canceled):
+            raise ConfigError(f"pretrained_job: job {parent.id} ended {parent.status}; submit a new pretrain job")
+        missing = set(body.spec.seeds) - set(parent.spec.get("seeds", []))
+        if missing:
+            raise ConfigError(f"pretrained_job: job {parent.id} did not pretrain seed(s) {sorted(missing)}")
+        if parent.status != JobStatus.succeeded:
+            depends_on = parent.id
+    spec = body.spec.model_copy(
+        update={"data": body.spec.data.model_copy(update={"path": dataset.path, "dataset": name})}
+    )
+    queue.ping(redis)
+    job = access.create_job(session, team_id=team.id, request=body, spec=spec.model_dump(mode="json"))
+    try:
+        session.commit()
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable("the database is unreachable, the job was not stored") from exc
+    try:
+        queue.enqueue(
+            redis,
+            queue_name=settings.queue,
+            job_id=job.id,
+            depends_on=depends_on,
+            retries=settings.job_retries,
+            timeout_s=settings.job_timeout_s,
+        )
+    except Exception:
+        with session_scope(session.get_bind()) as s:  # nothing half-made: the row goes again
+            access.delete_job(s, job_id=job.id)
+        raise
+    return access.job_public(session, job)
+
+
+@router.get("", response_model=list[JobPublic])
+def list_jobs(
+    team: TeamDep,
+    session: SessionDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[JobPublic]:
+    """The team's jobs, newest first."""
+    jobs = access.list_jobs(session, team_id=team.id, status=status, limit=limit, offset=offset)
+    return [access.job_public(session, j) for j in jobs]
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, team: TeamDep, session: SessionDep) -> JobPublic:
+    return access.job_public(session, access.get_job(session, job_id=job_id, team_id=team.id))
+
+
+@router.get("/{job_id}/metrics", response_model=list[MetricPublic])
+def job_metrics(job_id: str, team: TeamDep, session: SessionDep, stage: str | None = None) -> list[MetricPublic]:
+    """Per-epoch metrics of every stage (loss, DWV weight, kNN accuracy, images/s, ...)."""
+    access.get_job(session, job_id=job_id, team_id=team.id)
+    return [
+        MetricPublic.model_validate(m, from_attributes=True)
+        for m in access.list_metrics(session, job_id=job_id, stage=stage)
+    ]
+
+
+@router.get("/{job_id}/logs", response_model=list[JobLogPublic])
+def job_logs(
+    job_id: str, team: TeamDep, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0
+) -> list[JobLogPublic]:
+    """The job's log: status changes, stages, one line per epoch, errors."""
+    access.get_job(session, job_id=job_id, team_id=team.id)
+    return [
+        JobLogPublic.model_validate(r, from_attributes=True)
+        for r in access.list_logs(session, job_id=job_id, after=after)
+    ]
+
+
+@router.get("/{job_id}/results", response_model=list[ResultPublic])
+def job_results(job_id: str, team: TeamDep, session: SessionDep) -> list[ResultPublic]:
+    """Per-seed result rows of one job (accuracy, per-class recall, confusion matrix, ...)."""
+    access.get_job(session, job_id=job_id, team_id=team.id)
+    rows = access.list_results(session, team_id=team.id, job_id=job_id)
+    return [ResultPublic.model_validate(r, from_attributes=True) for r in rows]
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, team: TeamDep, session: SessionDep, redis: RedisDep) -> JobPublic:
+    """A queued job ends ``canceled`` at once; a running one stops within seconds. Fine-tune jobs
+    waiting for it are canceled too. 409 when the job already ended."""
+    job = access.get_job(session, job_id=job_id, team_id=team.id)
+    queue.ping(redis)
+    access.request_cancel(session, job=job)
+    queue.request_cancel(redis, job_id=job.id)
+    for dep in access.dependents(session, job_id=job.id):
+        if dep.status == JobStatus.queued:
+            access.finish_job(
+                session, job_id=dep.id, status=JobStatus.canceled, error=f"pretrain job {job.id} was canceled"
+            )
+            queue.request_cancel(redis, job_id=dep.id)
+    session.commit()
+    session.refresh(job)
+    return access.job_public(session, job)

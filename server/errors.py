@@ -1,0 +1,46 @@
+"""Service errors, extending the ``inco_core`` tree (see :mod:`inco_core.errors`).
+
+    InCoError
+    ├── ConfigError, DataError, CheckpointError      (inco_core: the user's spec or data)  -> 422
+    ├── NotFound             no such job / data set / artifact for this team           -> 404
+    ├── Conflict             the request clashes with stored state                     -> 409
+    ├── Unauthorized         no token, or a token that is unknown or revoked           -> 401
+    ├── ServiceUnavailable   a dependency is down; try again                           -> 503
+    │   ├── StoreUnavailable the SQL store
+    │   └── QueueUnavailable Redis
+    └── Canceled             raised inside training when a job is canceled (never an HTTP answer)
+
+The API maps this tree to HTTP in one exception handler; the CLI prints the message.
+"""
+
+from __future__ import annotations
+
+from inco_core.errors import InCoError
+
+
+class NotFound(InCoError):
+    """No such object for this team (another team's object is 'not found' too)."""
+
+
+class Conflict(InCoError):
+    """The request clashes with what is stored (a duplicate name, a job that already finished)."""
+
+
+class Unauthorized(InCoError):
+    """No bearer token, or one that is unknown or revoked."""
+
+
+class ServiceUnavailable(InCoError):
+    """A service the request needs is down; nothing was stored."""
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The SQL store does not answer."""
+
+
+class QueueUnavailable(ServiceUnavailable):
+    """Redis does not answer."""
+
+
+class Canceled(InCoError):
+    """Raised inside training when the job's cancel flag is set; the job ends ``canceled``."""

@@ -1,0 +1,368 @@
+"""Data access: small keyword-only functions over a session. Every query is scoped to a team
+where the caller is a team (the API); the worker, acting for the service, passes ``team_id=None``."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from inco_core.progress import EpochLog
+from server.errors import Conflict, NotFound
+from server.store.models import (
+    ApiToken,
+    Artifact,
+    Dataset,
+    Job,
+    JobCreate,
+    JobLog,
+    JobPublic,
+    JobStatus,
+    LeaderboardRow,
+    Metric,
+    Result,
+    Team,
+    utcnow,
+)
+
+TOKEN_PREFIX = "inco_"
+
+
+# -- teams and tokens ---------------------------------------------------------------------------
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def ensure_team(session: Session, *, name: str) -> Team:
+    team = session.exec(select(Team).where(Team.name == name)).first()
+    if team is None:
+        team = Team(name=name)
+        session.add(team)
+        session.flush()
+    return team
+
+
+def create_token(session: Session, *, team: Team, name: str = "") -> str:
+    """A new bearer token for ``team``; the plain token is returned once and never stored."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(team_id=team.id, token_hash=hash_token(token), prefix=token[:12], name=name))
+    session.flush()
+    return token
+
+
+def team_for_token(session: Session, *, token: str) -> Team | None:
+    """The team of a valid, unrevoked token (hashes compared in constant time), else None."""
+    digest = hash_token(token)
+    row = session.exec(select(ApiToken).where(ApiToken.token_hash == digest)).first()
+    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.token_hash, digest):
+        return None
+    return session.get(Team, row.team_id)
+
+
+def revoke_token(session: Session, *, prefix: str) -> int:
+    rows = session.exec(select(ApiToken).where(ApiToken.prefix == prefix, col(ApiToken.revoked_at).is_(None))).all()
+    for row in rows:
+        row.revoked_at = utcnow()
+        session.add(row)
+    return len(rows)
+
+
+# -- data sets ----------------------------------------------------------------------------------
+def add_dataset(
+    session: Session, *, team_id: int, name: str, path: str, images: int, classes: list[str], replace: bool = False
+) -> Dataset:
+    existing = session.exec(select(Dataset).where(Dataset.team_id == team_id, Dataset.name == name)).first()
+    if existing is not None:
+        if not replace:
+            raise Conflict(f"data set {name!r} exists already: pick another name")
+        existing.path, existing.images, existing.classes = path, images, classes
+        session.add(existing)
+        return existing
+    ds = Dataset(team_id=team_id, name=name, path=path, images=images, classes=classes)
+    session.add(ds)
+    session.flush()
+    return ds
+
+
+def get_dataset(session: Session, *, team_id: int, name: str) -> Dataset:
+    ds = session.exec(select(Dataset).where(Dataset.team_id == team_id, Dataset.name == name)).first()
+    if ds is None:
+        known = [d.name for d in list_datasets(session, team_id=team_id)]
+        hint = f"registered: {', '.join(known)}" if known else "none is registered yet"
+        raise NotFound(f"no data set named {name!r} ({hint}); register one with POST /v1/datasets")
+    return ds
+
+
+def list_datasets(session: Session, *, team_id: int) -> list[Dataset]:
+    return list(session.exec(select(Dataset).where(Dataset.team_id == team_id).order_by(col(Dataset.name))).all())
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+def create_job(session: Session, *, team_id: int, request: JobCreate, spec: dict[str, Any]) -> Job:
+    job = Job(team_id=team_id, kind=request.kind, spec=spec, pretrained_job=request.pretrained_job)
+    session.add(job)
+    session.flush()
+    add_log(session, job_id=job.id, message=f"queued: {request.kind} of {request.spec.method}")
+    return job
+
+
+def get_job(session: Session, *, job_id: str, team_id: int | None) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or (team_id is not None and job.team_id != team_id):
+        raise NotFound(f"no job {job_id!r}: list your jobs with GET /v1/jobs (inco jobs)")
+    return job
+
+
+def list_jobs(
+    session: Session, *, team_id: int, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+) -> list[Job]:
+    query = select(Job).where(Job.team_id == team_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    query = query.order_by(col(Job.created_at).desc(), col(Job.id)).offset(offset).limit(limit)
+    return list(session.exec(query).all())
+
+
+def job_public(session: Session, job: Job) -> JobPublic:
+    team = session.get(Team, job.team_id)
+    count = session.exec(select(func.count()).select_from(Result).where(Result.job_id == job.id)).one()
+    return JobPublic.model_validate(
+        {**job.model_dump(warnings=False), "team": team.name if team else "?", "results": count}
+    )
+
+
+def delete_job(session: Session, *, job_id: str) -> None:
+    """Remove a job that was never queued (its enqueue failed), with its log lines."""
+    for row in list_logs(session, job_id=job_id):
+        session.delete(row)
+    job = session.get(Job, job_id)
+    if job is not None:
+        session.delete(job)
+
+
+def dependents(session: Session, *, job_id: str) -> list[Job]:
+    return list(session.exec(select(Job).where(Job.pretrained_job == job_id)).all())
+
+
+def start_attempt(session: Session, *, job_id: str, worker: str) -> Job | None:
+    """Mark a job running for a new attempt; None when it finished meanwhile (canceled, done)."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or JobStatus(job.status).finished:
+        return None
+    now = utcnow()
+    job.status = JobStatus.running
+    job.attempts += 1
+    job.worker = worker
+    job.started_at = job.started_at or now
+    job.heartbeat_at = now
+    session.add(job)
+    add_log(session, job_id=job_id, message=f"running: attempt {job.attempts} on {worker}")
+    return job
+
+
+def set_stage(session: Session, *, job_id: str, stage: str | None) -> None:
+    job = session.get(Job, job_id)
+    if job is not None:
+        job.stage, job.heartbeat_at = stage, utcnow()
+        session.add(job)
+
+
+def finish_job(session: Session, *, job_id: str, status: JobStatus, error: str | None = None) -> Job | None:
+    """End a job. A job that already ended keeps its first ending (a late worker cannot undo a cancel)."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or JobStatus(job.status).finished:
+        return None
+    job.status, job.error, job.finished_at, job.stage = status, error, utcnow(), None
+    session.add(job)
+    add_log(
+        session,
+        job_id=job_id,
+        level="error" if status == JobStatus.failed else "info",
+        message=f"{status}" + (f": {error}" if error else ""),
+    )
+    return job
+
+
+def request_cancel(session: Session, *, job: Job) -> Job:
+    if JobStatus(job.status).finished:
+        raise Conflict(f"job {job.id} already ended {job.status}; nothing to cancel")
+    if job.status == JobStatus.queued:
+        finish_job(session, job_id=job.id, status=JobStatus.canceled, error="canceled before it started")
+    else:
+        job.cancel_requested = True
+        session.add(job)
+        add_log(session, job_id=job.id, message="cancel requested")
+    return job
+
+
+# -- metrics and logs ---------------------------------------------------------------------------
+def add_metric(session: Session, *, job_id: str, log: EpochLog) -> None:
+    """Record one epoch; a resumed run re-reporting an epoch replaces it rather than duplicating it."""
+    values = {k: float(v) for k, v in log.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+    row = session.exec(
+        select(Metric).where(Metric.job_id == job_id, Metric.stage == log.stage, Metric.epoch == log.epoch)
+    ).first()
+    if row is None:
+        row = Metric(job_id=job_id, stage=log.stage, epoch=log.epoch, epochs=log.epochs, values=values)
+    else:
+        row.values, row.epochs, row.created_at = values, log.epochs, utcnow()
+    session.add(row)
+    job = session.get(Job, job_id)
+    if job is not None:
+        job.heartbeat_at = utcnow()
+        session.add(job)
+
+
+def list_metrics(session: Session, *, job_id: str, stage: str | None = None) -> list[Metric]:
+    query = select(Metric).where(Metric.job_id == job_id)
+    if stage is not None:
+        query = query.where(Metric.stage == stage)
+    return list(session.exec(query.order_by(col(Metric.id))).all())
+
+
+def add_log(session: Session, *, job_id: str, message: str, level: str = "info") -> None:
+    session.add(JobLog(job_id=job_id, message=message[:10_000], level=level))
+
+
+def list_logs(session: Session, *, job_id: str, after: int = 0) -> list[JobLog]:
+    query = select(JobLog).where(JobLog.job_id == job_id, col(JobLog.id) > after).order_by(col(JobLog.id))
+    return list(session.exec(query).all())
+
+
+# -- results ------------------------------------------------------------------------------------
+def add_results(session: Session, *, job: Job, result: dict[str, Any], dataset: str) -> int:
+    """Store the rows of an experiment's ``result.json``; rows already stored are kept as they are,
+    so a job that is re-run after its worker died never duplicates a result."""
+    have = {(r.ratio, r.eval, r.seed) for r in session.exec(select(Result).where(Result.job_id == job.id)).all()}
+    added = 0
+    for row in result["results"]:
+        if (row["ratio"], row["eval"], row["seed"]) in have:
+            continue
+        session.add(
+            Result(
+                job_id=job.id,
+                team_id=job.team_id,
+                dataset=dataset,
+                preset=result["spec"]["preset"],
+                hardware=result["hardware"],
+                code_version=result["code_version"],
+                data_fingerprint=result["data"]["fingerprint"],
+                **{k: row[k] for k in _RESULT_FIELDS},
+            )
+        )
+        added += 1
+    return added
+
+
+_RESULT_FIELDS = (
+    "method",
+    "variant",
+    "ratio",
+    "eval",
+    "seed",
+    "accuracy",
+    "per_class_recall",
+    "confusion_matrix",
+    "classes",
+    "labelled_images",
+    "test_images",
+    "wall_time_s",
+    "pretrain_key",
+)
+
+
+def list_results(
+    session: Session,
+    *,
+    team_id: int,
+    method: str | None = None,
+    ratio: str | None = None,
+    eval: str | None = None,
+    preset: str | None = None,
+    dataset: str | None = None,
+    job_id: str | None = None,
+) -> list[Result]:
+    query = select(Result).where(Result.team_id == team_id)
+    for column, value in (
+        (Result.method, method),
+        (Result.ratio, ratio),
+        (Result.eval, eval),
+        (Result.preset, preset),
+        (Result.dataset, dataset),
+        (Result.job_id, job_id),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    return list(session.exec(query.order_by(col(Result.id))).all())
+
+
+def leaderboard(rows: list[Result]) -> list[LeaderboardRow]:
+    """Group by (data set, preset, variant, ratio, evaluation): mean and sample std over seeds. A seed
+    evaluated by several jobs counts once (its latest result)."""
+    cells: dict[tuple[str, ...], dict[int, Result]] = defaultdict(dict)
+    for r in rows:
+        cells[(r.dataset, r.preset, r.method, r.variant, r.ratio, r.eval)][r.seed] = r
+    out = []
+    for (dataset, preset, method, variant, ratio, ev), by_seed in cells.items():
+        accs = [r.accuracy for r in by_seed.values()]
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+        out.append(
+            LeaderboardRow(
+                dataset=dataset,
+                preset=preset,
+                method=method,
+                variant=variant,
+                ratio=ratio,
+                eval=ev,
+                mean=mean,
+                std=std,
+                count=len(accs),
+                seeds=sorted(by_seed),
+            )
+        )
+    out.sort(key=lambda r: (r.dataset, r.preset, r.eval, r.variant, int(r.ratio.split(":")[1])))
+    return out
+
+
+# -- artifacts ----------------------------------------------------------------------------------
+def find_artifact(session: Session, *, team_id: int, kind: str, key: str) -> Artifact | None:
+    return session.exec(
+        select(Artifact).where(Artifact.team_id == team_id, Artifact.kind == kind, Artifact.key == key)
+    ).first()
+
+
+def add_artifact(session: Session, *, artifact: Artifact) -> Artifact:
+    """Record a file; a second record of the same (team, kind, key) keeps the first."""
+    existing = find_artifact(session, team_id=artifact.team_id, kind=artifact.kind, key=artifact.key)
+    if existing is not None:
+        return existing
+    try:
+        with session.begin_nested():
+            session.add(artifact)
+    except IntegrityError:
+        found = find_artifact(session, team_id=artifact.team_id, kind=artifact.kind, key=artifact.key)
+        if found is None:
+            raise
+        return found
+    return artifact
+
+
+def list_artifacts(session: Session, *, team_id: int, job_id: str | None = None) -> list[Artifact]:
+    query = select(Artifact).where(Artifact.team_id == team_id)
+    if job_id is not None:
+        query = query.where(Artifact.job_id == job_id)
+    return list(session.exec(query.order_by(col(Artifact.id))).all())
+
+
+def stale_running_jobs(session: Session, *, before: datetime) -> list[Job]:
+    """Running jobs whose last heartbeat is older than ``before`` (their worker probably died)."""
+    return list(session.exec(select(Job).where(Job.status == JobStatus.running, col(Job.heartbeat_at) < before)).all())

@@ -1,0 +1,158 @@
+"""The queue's job function: ``run_job(job_id)`` runs one stored job on Ray and records how it ended.
+
+It is idempotent and driven by the database: a job that ended is skipped, a job re-run after its
+worker died starts a new attempt that resumes from the checkpoints in its run folder, and results
+already stored are never stored twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+from typing import Any
+
+from inco_core.config import RunSpec
+from inco_core.errors import InCoError
+from server import queue
+from server.errors import Canceled
+from server.settings import Settings
+from server.store import access
+from server.store.db import make_engine, session_scope
+from server.store.models import Job, JobKind, JobStatus
+
+log = logging.getLogger("inco.worker")
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _finish(engine: Any, job_id: str, status: JobStatus, error: str | None = None) -> None:
+    with session_scope(engine) as s:
+        access.finish_job(s, job_id=job_id, status=status, error=error)
+        if status != JobStatus.succeeded:
+            for dep in access.dependents(s, job_id=job_id):
+                access.finish_job(
+                    s,
+                    job_id=dep.id,
+                    status=JobStatus.failed if status == JobStatus.failed else JobStatus.canceled,
+                    error=f"pretrain job {job_id} ended {status}",
+                )
+
+
+def _expected_rows(spec: RunSpec, kind: JobKind) -> int:
+    return 0 if kind == JobKind.pretrain else len(spec.seeds) * len(spec.ratios) * len(spec.evals)
+
+
+def check_resources(spec: RunSpec) -> None:
+    """A job that asks for more than the Ray cluster has fails at once instead of waiting forever."""
+    import ray
+
+    from inco_core.errors import ConfigError
+
+    have = ray.cluster_resources()
+    res = spec.resources
+    gpus = res.workers * (res.gpus_per_worker or (1 if res.device == "cuda" else 0))
+    if gpus > have.get("GPU", 0):
+        raise ConfigError(
+            f"the job asks for {gpus:g} GPU(s) but the Ray cluster has {have.get('GPU', 0):g}: "
+            "lower resources.workers / gpus_per_worker, or use device 'cpu'"
+        )
+
+
+def run_job(job_id: str) -> str:
+    """RQ entry point (``worker.jobs.run_job``). Returns the status the job ended with."""
+    settings = Settings()
+    engine = make_engine(settings.db_url)
+    redis = queue.connect(settings.redis_url)
+    try:
+        return _run(job_id, settings, engine, redis)
+    finally:
+        engine.dispose()
+
+
+def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
+    with session_scope(engine) as s:
+        job = access.start_attempt(s, job_id=job_id, worker=_worker_name())
+        if job is None:
+            return "skipped"
+        snapshot = Job.model_validate(job.model_dump(warnings=False))
+        pretrained: dict[str, str] = {}
+        if snapshot.pretrained_job:
+            dep = access.get_job(s, job_id=snapshot.pretrained_job, team_id=snapshot.team_id)
+            if dep.status != JobStatus.succeeded:
+                error = (
+                    f"pretrain job {dep.id} ended {dep.status}"
+                    if JobStatus(dep.status).finished
+                    else (f"pretrain job {dep.id} has not finished ({dep.status})")
+                )
+                access.finish_job(s, job_id=job_id, status=JobStatus.failed, error=error)
+                return "failed"
+            for art in access.list_artifacts(s, team_id=snapshot.team_id, job_id=dep.id):
+                if art.kind == "backbone":
+                    pretrained[str(art.seed)] = art.path
+        done = len(access.list_results(s, team_id=snapshot.team_id, job_id=job_id))
+    if snapshot.cancel_requested or queue.cancel_requested(redis, job_id=job_id):
+        _finish(engine, job_id, JobStatus.canceled, "canceled")
+        return "canceled"
+
+    spec = RunSpec.model_validate(snapshot.spec)
+    kind = JobKind(snapshot.kind)
+    if done and done >= _expected_rows(spec, kind):  # a re-run after the results were stored
+        _finish(engine, job_id, JobStatus.succeeded)
+        return "succeeded"
+
+    from worker.training import fit  # ray and torch load here, in the job's process
+
+    run_dir = settings.artifact_dir / "runs" / job_id
+    config = {
+        "job_id": job_id,
+        "team_id": snapshot.team_id,
+        "kind": kind.value,
+        "spec": spec.model_dump(mode="json"),
+        "dataset": spec.data.dataset or "",
+        "pretrained": pretrained,
+        "run_dir": str(run_dir),
+        "cache_dir": str(settings.cache_dir),
+        "backbone_dir": str(settings.artifact_dir / "teams" / str(snapshot.team_id) / "backbones"),
+        "database_url": settings.db_url,
+        "redis_url": settings.redis_url,
+    }
+    try:
+        _connect_ray()
+        check_resources(spec)
+        fit(config, spec, storage_path=settings.artifact_dir / "ray", cpus_per_worker=settings.cpus_per_worker)
+    except Canceled:
+        _finish(engine, job_id, JobStatus.canceled, "canceled while running")
+        return "canceled"
+    except InCoError as exc:  # the spec or the data: running it again would fail the same way
+        _finish(engine, job_id, JobStatus.failed, str(exc))
+        return "failed"
+    except Exception as exc:
+        message = f"{exc.__class__.__name__}: {exc}"
+        log.error("job %s crashed: %s", job_id, traceback.format_exc())
+        retry = _retries_left() > 0
+        with session_scope(engine) as s:
+            access.add_log(s, job_id=job_id, level="error", message=f"attempt crashed: {message}")
+        if retry:
+            raise  # RQ runs it again; the next attempt resumes from the run folder
+        _finish(engine, job_id, JobStatus.failed, message)
+        return "failed"
+    _finish(engine, job_id, JobStatus.succeeded)
+    return "succeeded"
+
+
+def _retries_left() -> int:
+    from rq import get_current_job
+
+    current = get_current_job()
+    return int(current.retries_left or 0) if current is not None else 0
+
+
+def _connect_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING", log_to_driver=False)

@@ -1,0 +1,142 @@
+"""``inco worker``: take jobs from the Redis queue and run them on Ray.
+
+Each job runs in a forked work horse (RQ's default), so a crash or a kill of one job never takes
+the worker down, and RQ's heartbeat tells a dead worker apart from a long job. The worker connects to
+``RAY_ADDRESS`` when it is set; otherwise it starts a local Ray head for its lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rq import Worker
+
+from server import queue
+from server.errors import ServiceUnavailable
+from server.settings import Settings
+from server.store import access
+from server.store.db import make_engine, schema_is_current, session_scope
+from server.store.models import JobStatus
+
+log = logging.getLogger("inco.worker")
+
+
+def ray_env(home: Path) -> dict[str, str]:
+    """Token authentication for a local Ray: one token per ``INCO_HOME``, readable by its owner only."""
+    token_file = home / "ray-token"
+    if not token_file.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(secrets.token_hex(32))
+        token_file.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token_file.read_text().strip()}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_local_ray(home: Path, *, num_cpus: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A Ray head on loopback that lives as long as the returned process (``ray start --block``)."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if ray_bin is None:
+        raise ServiceUnavailable("the ray command is not installed: pip install 'ray[train,tune]'")
+    port = _free_port()
+    env = {**os.environ, **ray_env(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [
+        ray_bin,
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+    ]
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    with open(home / "logs" / f"ray-{port}.log", "ab") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceUnavailable(f"ray start exited with {proc.returncode}; see {home / 'logs'}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(2)  # the GCS answers before the raylet is ready
+                return proc, address
+        time.sleep(0.5)
+    proc.terminate()
+    raise ServiceUnavailable("the local Ray head did not start within 60 s")
+
+
+def mark_failed_when_retries_run_out(job: Any, exc_type: Any, exc_value: Any, tb: Any) -> bool:
+    """RQ exception handler (work horse killed, timed out, or abandoned): once no retry is left, the
+    stored job ends ``failed`` with the reason; before that it stays running and is re-run."""
+    if job.retries_left:
+        return True
+    settings = Settings()
+    engine = make_engine(settings.db_url)
+    try:
+        with session_scope(engine) as s:
+            access.finish_job(
+                s,
+                job_id=job.id,
+                status=JobStatus.failed,
+                error=f"the worker running it died or timed out ({exc_type.__name__}: {exc_value}); no retry left",
+            )
+    finally:
+        engine.dispose()
+    return True
+
+
+def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None) -> None:
+    """Serve the queue until stopped (or, with ``burst``, until it is empty)."""
+    engine = make_engine(settings.db_url)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if schema_is_current(engine):
+                break
+        except Exception as exc:
+            log.warning("store not ready: %s", exc)
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(
+                f"the store at {engine.url!r} is not at the newest schema: run `inco serve` or `inco up` first"
+            )
+        time.sleep(1)
+    engine.dispose()
+    redis = queue.connect(settings.redis_url)
+    queue.ping(redis)
+    ray_proc = None
+    if not os.environ.get("RAY_ADDRESS"):
+        ray_proc, address = start_local_ray(settings.home)
+        os.environ.update(ray_env(settings.home))
+        os.environ["RAY_ADDRESS"] = address
+        log.info("started a local Ray head at %s", address)
+    try:
+        worker = Worker(
+            [settings.queue],
+            connection=redis,
+            name=name or f"inco-{socket.gethostname()}-{os.getpid()}",
+            exception_handlers=[mark_failed_when_retries_run_out],
+        )
+        worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+    finally:
+        if ray_proc is not None:
+            ray_proc.terminate()
+            try:
+                ray_proc.wait(30)
+            except subprocess.TimeoutExpired:
+                ray_proc.kill()

@@ -1,0 +1,129 @@
+"""Training inside Ray Train: the per-worker function and the driver that builds the TorchTrainer.
+
+The per-worker function turns Ray's config dict back into the run spec on its first line, runs the
+``inco_core`` experiment, and (rank 0) writes metrics, results and artifacts to the store.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from inco_core.config import RunSpec
+from inco_core.errors import InCoError
+from server import queue
+from server.store import access
+from server.store.db import make_engine, session_scope
+from server.store.models import Artifact
+from worker.reporting import StoreBackbones, StoreReporter, with_retries
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    spec = RunSpec.model_validate(config["spec"])
+    import torch
+
+    from inco_core.experiment import Experiment
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
+    torch.set_num_threads(max(1, cpus))
+    engine = make_engine(config["database_url"])
+    redis = queue.connect(config["redis_url"])
+    job_id, team_id = config["job_id"], config["team_id"]
+    reporter = StoreReporter(engine, redis, job_id=job_id, rank=rank)
+    experiment = Experiment(
+        spec,
+        run_dir=Path(config["run_dir"]),
+        cache_dir=Path(config["cache_dir"]),
+        backbones=StoreBackbones(engine, team_id=team_id, job_id=job_id, folder=Path(config["backbone_dir"])),
+        pretrained={int(seed): Path(p) for seed, p in config["pretrained"].items()},
+        reporter=reporter,
+    )
+    result = experiment.run(pretrain_only=config["kind"] == "pretrain")
+    if rank == 0:
+        save_result(engine, job_id=job_id, team_id=team_id, dataset=config["dataset"], result=result)
+    engine.dispose()
+
+
+def save_result(engine: Any, *, job_id: str, team_id: int, dataset: str, result: dict[str, Any]) -> None:
+    """Result rows and fine-tuned model artifacts, in one transaction (idempotent)."""
+
+    def go() -> None:
+        with session_scope(engine) as s:
+            job = access.get_job(s, job_id=job_id, team_id=None)
+            access.add_results(s, job=job, result=result, dataset=dataset)
+            for row in result["results"]:
+                if row.get("checkpoint") and os.path.exists(row["checkpoint"]):
+                    access.add_artifact(
+                        s,
+                        artifact=Artifact(
+                            team_id=team_id,
+                            job_id=job_id,
+                            kind="finetuned",
+                            key=f"{job_id}:{row['ratio']}:{row['seed']}",
+                            method=row["method"],
+                            seed=row["seed"],
+                            path=row["checkpoint"],
+                            size_bytes=os.path.getsize(row["checkpoint"]),
+                            meta={"ratio": row["ratio"], "accuracy": row["accuracy"]},
+                        ),
+                    )
+            hw = result["hardware"]
+            n = len(result["results"])
+            access.add_log(s, job_id=job_id, message=f"stored {n} result row(s); {hw}, {result['wall_time_s']:.1f} s")
+
+    with_retries(go, what="results")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user-level exception behind Ray's wrappers (worker group errors, task errors)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+            continue
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        if isinstance(exc, InCoError):
+            return exc
+        if exc.__cause__ is not None:
+            exc = exc.__cause__
+            continue
+        break
+    return exc
+
+
+def fit(config: dict[str, Any], spec: RunSpec, *, storage_path: Path, cpus_per_worker: int) -> None:
+    """Run ``train_loop`` on ``spec.resources.workers`` Ray Train workers; raise the root cause of a
+    failure (a :class:`~server.errors.Canceled`, an ``InCoError`` or a bug)."""
+    res = spec.resources
+    use_gpu = res.gpus_per_worker > 0 or res.device == "cuda"
+    per_worker: dict[str, float] = {"CPU": cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=f"job-{config['job_id']}",  # stable: a re-run of the job finds its folder again
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        raise root_cause(exc) from None
