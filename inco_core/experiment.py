@@ -219,9 +219,14 @@ class Experiment:
                 )
             meta = blob["meta"]
             info = PretrainInfo(
-                seed, meta.get("key", key), str(found), True, int(meta.get("images", len(indices))), 0.0,
+                seed,
+                meta.get("key", key),
+                str(found),
+                True,
+                int(meta.get("images", len(indices))),
+                0.0,
                 meta.get("history", []),
-            )  # fmt: skip
+            )
             backbone = prepare_model(Backbone(), self.device)
             backbone.load_state_dict(blob["state_dict"])
             self._backbones[key] = (backbone, info)
