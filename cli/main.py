@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from cli import service, stack
 from cli.render import RichReporter, results_table
 from inco_core.config import METHODS, PRESETS, load_spec
 from inco_core.errors import InCoError
@@ -117,6 +118,9 @@ def run(
     console.print(results_table(result))
     console.print(f"run folder: {result['run_dir']}  (result.json, checkpoints/)", highlight=False)
 
+
+stack.register(app)
+service.register(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

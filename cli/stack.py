@@ -114,13 +114,18 @@ def token_revoke(prefix: Annotated[str, typer.Argument(help="the first 12 charac
 
 # -- the local stack ----------------------------------------------------------------------------
 def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie may linger where PID 1 reaps none)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], home: Path) -> int:

@@ -32,7 +32,11 @@ class ImageDecodeError(DataError):
 
     def __init__(self, path: Path, reason: str) -> None:
         self.path = path
+        self.reason = reason
         super().__init__(f"cannot read image {path}: {reason}; remove or replace the file and run again")
+
+    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[Path, str]]:
+        return (type(self), (self.path, self.reason))  # picklable across processes (Ray workers)
 
 
 class CheckpointError(InCoError):

@@ -8,6 +8,8 @@ import torch
 
 from inco_core.data import ImageSet, load_images
 
+pytest_plugins = ["tests.service_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 NEU_CLS = Path(os.environ.get("INCO_TEST_DATA", REPO.parent / "shared" / "datasets" / "neu-cls")).resolve()
 

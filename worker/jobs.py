@@ -90,9 +90,15 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
                 )
                 access.finish_job(s, job_id=job_id, status=JobStatus.failed, error=error)
                 return "failed"
-            for art in access.list_artifacts(s, team_id=snapshot.team_id, job_id=dep.id):
-                if art.kind == "backbone":
-                    pretrained[str(art.seed)] = art.path
+            for made in dep.outputs.get("backbones", []):
+                art = access.find_artifact(s, team_id=snapshot.team_id, kind="backbone", key=made["key"])
+                if art is not None:
+                    pretrained[str(made["seed"])] = art.path
+            missing = [seed for seed in snapshot.spec.get("seeds", []) if str(seed) not in pretrained]
+            if missing:
+                error = f"pretrain job {dep.id} left no backbone for seed(s) {missing}; submit a new pretrain job"
+                access.finish_job(s, job_id=job_id, status=JobStatus.failed, error=error)
+                return "failed"
         done = len(access.list_results(s, team_id=snapshot.team_id, job_id=job_id))
     if snapshot.cancel_requested or queue.cancel_requested(redis, job_id=job_id):
         _finish(engine, job_id, JobStatus.canceled, "canceled")

@@ -76,6 +76,13 @@ def save_result(engine: Any, *, job_id: str, team_id: int, dataset: str, result:
                             meta={"ratio": row["ratio"], "accuracy": row["accuracy"]},
                         ),
                     )
+            job.outputs = {
+                **job.outputs,
+                "backbones": [
+                    {"seed": p["seed"], "key": p["key"], "reused": p["reused"]} for p in result["pretraining"]
+                ],
+            }
+            s.add(job)
             hw = result["hardware"]
             n = len(result["results"])
             access.add_log(s, job_id=job_id, message=f"stored {n} result row(s); {hw}, {result['wall_time_s']:.1f} s")

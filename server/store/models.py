@@ -69,13 +69,17 @@ class ApiToken(SQLModel, table=True):
 
 
 # -- data sets ----------------------------------------------------------------------------------
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
 class DatasetBase(SQLModel):
-    name: str = Field(max_length=64, regex=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(max_length=64)
 
 
-class DatasetCreate(DatasetBase):
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
-    path: str = Field(min_length=1, max_length=4096, description="folder under the server's data root")
+class DatasetCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = PydField(pattern=NAME_PATTERN, description="letters, digits, '_', '.', '-'; up to 64")
+    path: str = PydField(min_length=1, max_length=4096, description="folder under the server's data root")
 
 
 class Dataset(DatasetBase, table=True):
@@ -150,6 +154,9 @@ class Job(JobBase, table=True):
     attempts: int = 0
     worker: str | None = Field(default=None, max_length=128)
     cancel_requested: bool = False
+    outputs: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False), description="e.g. the backbones it made or used"
+    )
 
 
 class JobPublic(JobBase):
@@ -165,6 +172,7 @@ class JobPublic(JobBase):
     attempts: int
     worker: str | None
     cancel_requested: bool
+    outputs: dict[str, Any]
     results: int = 0
 
 

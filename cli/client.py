@@ -1,0 +1,169 @@
+"""A small HTTP client of the InCo API for the CLI. Every failure is a :class:`ClientError` whose
+message is one line that says what went wrong and what to do."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from server.settings import Settings
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TIMEOUT_S = 30.0
+TOKEN_FIX = "set INCO_TOKEN or run `inco up`"
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ClientError(Exception):
+    """A request to the API failed; ``str(exc)`` is the one line to show."""
+
+
+def _stack(path: Path) -> dict[str, Any]:
+    """The local stack's state (``inco up``), or {} when it is not running."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"cannot read the local stack file {path} ({exc}): run `inco down` and `inco up`") from None
+    return state if isinstance(state, dict) else {}
+
+
+def resolve(settings: Settings | None = None) -> tuple[str, str | None]:
+    """The API's base URL and the token: ``INCO_API_URL``/``INCO_TOKEN``, else the local stack file,
+    else the default URL and no token."""
+    settings = settings or Settings()
+    url = settings.api_url if "api_url" in settings.model_fields_set else None
+    token = settings.token
+    if url is None or token is None:
+        state = _stack(settings.stack_file)
+        url = url or state.get("api_url") or DEFAULT_URL
+        token = token or state.get("token")
+    return str(url).rstrip("/"), token
+
+
+def job_path(job_id: str, tail: str = "") -> str:
+    """``/v1/jobs/<id><tail>``; an id that cannot be a job's is refused before any request."""
+    if not _JOB_ID.match(job_id):
+        raise ClientError(f"no job {job_id!r}: job ids are letters and digits; list them with `inco jobs`")
+    return f"/v1/jobs/{job_id}{tail}"
+
+
+def _detail(response: httpx.Response) -> str:
+    """The server's ``detail`` message, or a short description of an answer that has none (then
+    the server is probably not the InCo API)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, list):  # FastAPI's default validation answer
+        detail = "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+    if detail:
+        return str(detail)
+    text = " ".join(response.text.split())[:200]
+    return (
+        f"HTTP {response.status_code} {response.reason_phrase}"
+        + (f" ({text})" if text else "")
+        + f" from {response.request.url.copy_with(query=None)}: is INCO_API_URL the InCo API?"
+    )
+
+
+class ApiClient:
+    """``with ApiClient.from_env() as api: api.get_job(id)``; JSON in, JSON out."""
+
+    def __init__(self, base_url: str, token: str | None, *, timeout_s: float = TIMEOUT_S) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        bad = f"INCO_API_URL {base_url!r} is not an http(s) URL: use one like {DEFAULT_URL}"
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ClientError(bad)
+        try:
+            self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        except (httpx.InvalidURL, ValueError):
+            raise ClientError(bad) from None
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None) -> ApiClient:
+        url, token = resolve(settings)
+        if not token:
+            raise ClientError(f"no API token: {TOKEN_FIX} (tokens come from `inco admin token create --team NAME`)")
+        return cls(url, token)
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- the one place requests are made ---------------------------------------------------------
+    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None) -> Any:
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            response = self.http.request(method, path, params=params, json=body)
+        except httpx.ConnectError:
+            raise ClientError(
+                f"cannot reach the InCo API at {self.base_url}: start it with `inco up` or set INCO_API_URL"
+            ) from None
+        except httpx.TimeoutException:
+            raise ClientError(
+                f"the InCo API at {self.base_url} did not answer within {self.timeout_s:.0f} s: "
+                "check that it runs (`inco up`) or set INCO_API_URL"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"request to the InCo API at {self.base_url} failed: {exc}; check INCO_API_URL") from None
+        if response.status_code == 401:
+            raise ClientError(f"{_detail(response)} ({TOKEN_FIX})")
+        if response.status_code >= 400:
+            raise ClientError(_detail(response))
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(
+                f"{self.base_url} answered {method} {path} with something that is not JSON: "
+                "is INCO_API_URL the InCo API?"
+            ) from None
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def submit_job(self, *, kind: str, spec: dict[str, Any], pretrained_job: str | None = None) -> dict[str, Any]:
+        return self.request("POST", "/v1/jobs", body={"kind": kind, "spec": spec, "pretrained_job": pretrained_job})
+
+    def list_jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/jobs", params={"status": status, "limit": limit, "offset": offset})
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", job_path(job_id))
+
+    def metrics(self, job_id: str, *, stage: str | None = None) -> list[dict[str, Any]]:
+        return self.request("GET", job_path(job_id, "/metrics"), params={"stage": stage})
+
+    def logs(self, job_id: str) -> list[dict[str, Any]]:
+        return self.request("GET", job_path(job_id, "/logs"))
+
+    def job_results(self, job_id: str) -> list[dict[str, Any]]:
+        return self.request("GET", job_path(job_id, "/results"))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", job_path(job_id, "/cancel"))
+
+    # -- results and data sets -------------------------------------------------------------------------
+    def leaderboard(self, **filters: str | None) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/results", params=filters)
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/datasets")
+
+    def add_dataset(self, *, name: str, path: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/datasets", body={"name": name, "path": path})

@@ -1,0 +1,327 @@
+"""The commands that talk to the InCo API: ``inco submit``, ``jobs``, ``status``, ``wait``, ``logs``,
+``cancel``, ``results`` and ``datasets``. The API is found through ``INCO_API_URL``/``INCO_TOKEN`` or
+the local stack that ``inco up`` started."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from cli.client import ApiClient, ClientError
+from cli.render import (
+    STATUS_STYLE,
+    JobProgress,
+    datasets_table,
+    job_details,
+    job_results_table,
+    leaderboard_tables,
+    log_line,
+)
+
+FINISHED = ("succeeded", "failed", "canceled")
+POLL_S = 1.0
+TIMEOUT_EXIT = 2
+CSV_FIELDS = ("dataset", "preset", "eval", "variant", "method", "ratio", "mean", "std", "count")
+JobId = Annotated[str, typer.Argument(help="the job's id (`inco jobs` lists them)", show_default=False)]
+JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON on stdout")]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _fail(message: str, code: int = 1) -> NoReturn:
+    from cli.main import err_console, fail
+
+    if code == 1:
+        fail(message)
+        raise typer.Exit(1)  # fail() exits; this line is for the type checker
+    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _err() -> Console:
+    from cli.main import err_console
+
+    return err_console
+
+
+@contextmanager
+def _api() -> Iterator[ApiClient]:
+    """A client of the API; a failed request ends the command with one red line."""
+    try:
+        with ApiClient.from_env() as api:
+            yield api
+    except ClientError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _err().print("[yellow]Interrupted.[/]")
+        raise typer.Exit(130) from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def _status_line(job: dict[str, Any]) -> str:
+    line = f"job {job['id']}: [{_style(job['status'])}]{job['status']}[/]"
+    if job["status"] == "queued":
+        line += " (waiting for a worker; `inco up` starts one)"
+    elif job["status"] == "running" and job.get("worker"):
+        line += f" on {job['worker']} (attempt {job['attempts']})"
+    return line
+
+
+def _style(status: str) -> str:
+    return STATUS_STYLE.get(status, "bold")
+
+
+# -- following a job -----------------------------------------------------------------------------
+class _Timeout(Exception):
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+
+
+def _follow(api: ApiClient, job_id: str, timeout_s: float | None) -> dict[str, Any]:
+    """Poll the job (and its metrics) until it ends; status changes and live bars go to stderr."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last = None
+    with JobProgress(_err()) as progress:
+        while True:
+            job = api.get_job(job_id)
+            if job["status"] != last:
+                progress.note(_status_line(job))
+                last = job["status"]
+            if job["status"] != "queued":
+                progress.show(api.metrics(job_id))
+            if job["status"] in FINISHED:
+                return job
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise _Timeout(job)
+            time.sleep(POLL_S if left is None else min(POLL_S, left))
+
+
+def _wait_and_report(api: ApiClient, job_id: str, timeout_s: float | None, as_json: bool) -> None:
+    """Follow a job; print its results (table or JSON) and exit 0 / 1 (failed, canceled) / 2 (timeout)."""
+    try:
+        job = _follow(api, job_id, timeout_s)
+    except _Timeout as exc:
+        job = exc.job
+        _fail(
+            f"job {job_id} is still {job['status']} after {timeout_s:g} s: keep waiting with "
+            f"`inco wait {job_id}`, or stop it with `inco cancel {job_id}`",
+            TIMEOUT_EXIT,
+        )
+    results = api.job_results(job_id)
+    if as_json:
+        _print_json({"job": job, "results": results})
+    elif results:
+        Console().print(job_results_table(results))
+    if job["status"] == "failed":
+        _fail(f"job {job_id} failed: {job.get('error') or 'no error was recorded'} (see `inco logs {job_id}`)")
+    if job["status"] == "canceled":
+        _fail(f"job {job_id} was canceled" + (f": {job['error']}" if job.get("error") else ""))
+    if not results and not as_json:
+        _err().print(f"job {job_id} succeeded; it has no result rows ({job['kind']} job)", highlight=False)
+
+
+# -- commands ------------------------------------------------------------------------------------
+def submit(
+    method: Annotated[str, typer.Option(help="inco, simclr, mocov2, simsiam or supervised")] = "inco",
+    ratio: Annotated[list[str] | None, typer.Option(help="label ratio 1:N; repeat for several")] = None,
+    eval_: Annotated[str, typer.Option("--eval", help="finetune, linear or both")] = "finetune",
+    preset: Annotated[str, typer.Option(help="paper, cpu or smoke")] = "cpu",
+    dataset: Annotated[str, typer.Option(help="a data set registered with `inco datasets add`")] = "default",
+    seed: Annotated[list[int] | None, typer.Option(help="seed; repeat for several (mean and std)")] = None,
+    optimizer: Annotated[str, typer.Option(help="pretraining optimiser: default or paper-literal")] = "default",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set pretrain.epochs=10")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="experiment, pretrain or finetune; default finetune with --pretrained")
+    ] = None,
+    pretrained: Annotated[str | None, typer.Option(help="finetune: the pretrain job whose backbones to use")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    workers: Annotated[int, typer.Option(help="Ray Train workers")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs each worker asks for")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job until it ends, like `inco wait`")] = False,
+    timeout: Annotated[float | None, typer.Option(min=0, help="with --wait: give up after this many seconds")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Submit a job to the service; prints its id on stdout (ID=$(inco submit ...))."""
+    from cli.main import EVAL_CHOICES, parse_overrides
+
+    if eval_ not in EVAL_CHOICES:
+        _fail(f"--eval must be finetune, linear or both (got {eval_!r})")
+    spec = {
+        "method": method,
+        "data": {"dataset": dataset},
+        "ratios": ratio or ["1:16"],
+        "evals": EVAL_CHOICES[eval_],
+        "preset": preset,
+        "optimizer": optimizer,
+        "overrides": parse_overrides(set_ or []),
+        "seeds": seed or [0],
+        "resources": {"device": device, "workers": workers, "gpus_per_worker": gpus_per_worker},
+    }
+    kind = kind or ("finetune" if pretrained else "experiment")
+    with _api() as api:
+        job = api.submit_job(kind=kind, spec=spec, pretrained_job=pretrained)
+        if as_json and not wait:
+            _print_json(job)
+        elif not as_json:
+            sys.stdout.write(job["id"] + "\n")
+            sys.stdout.flush()
+        _err().print(
+            f"submitted {kind} job {job['id']} ({method}, {', '.join(spec['ratios'])}, {preset} preset)"
+            + ("" if wait else f": follow it with `inco wait {job['id']}`"),
+            highlight=False,
+            soft_wrap=True,
+        )
+        if wait:
+            _wait_and_report(api, job["id"], timeout, as_json)
+
+
+def wait(
+    job_id: JobId,
+    timeout: Annotated[float | None, typer.Option(min=0, help="give up after this many seconds (exit 2)")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Follow a job until it ends: live progress on stderr, its results on stdout.
+
+    Exit 0 when it succeeded, 1 when it failed or was canceled, 2 on --timeout."""
+    with _api() as api:
+        _wait_and_report(api, job_id, timeout, as_json)
+
+
+def status(job_id: JobId, as_json: JsonFlag = False) -> None:
+    """One job: status, stage, attempts, times, error, result count and the latest epoch of each stage."""
+    with _api() as api:
+        job = api.get_job(job_id)
+        metrics = api.metrics(job_id)
+    if as_json:
+        from cli.render import latest_metrics
+
+        _print_json({"job": job, "metrics": list(latest_metrics(metrics).values())})
+        return
+    Console().print(job_details(job, metrics))
+
+
+def jobs(
+    status: Annotated[
+        str | None, typer.Option(help="queued, running, succeeded, failed or canceled", show_default=False)
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="at most this many")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """Your team's jobs, newest first."""
+    from cli.render import jobs_table
+
+    with _api() as api:
+        rows = api.list_jobs(status=status, limit=limit)
+    if as_json:
+        _print_json(rows)
+    elif not rows:
+        _err().print("no jobs" + (f" with status {status}" if status else "") + ": submit one with `inco submit`")
+    else:
+        Console().print(jobs_table(rows))
+
+
+def logs(
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job ends")] = False,
+) -> None:
+    """A job's log lines: time, level, message."""
+    console = Console(highlight=False, soft_wrap=True)
+    shown = 0
+    with _api() as api:
+        while True:
+            ended = not follow or api.get_job(job_id)["status"] in FINISHED
+            lines = api.logs(job_id)
+            for entry in lines[shown:]:
+                console.print(log_line(entry))
+            shown = max(shown, len(lines))
+            if ended:
+                return
+            time.sleep(POLL_S)
+
+
+def cancel(job_id: JobId) -> None:
+    """Cancel a job: a queued one ends at once, a running one within seconds."""
+    with _api() as api:
+        job = api.cancel(job_id)
+    line = f"job {job['id']}: [{_style(job['status'])}]{job['status']}[/]"
+    if job["status"] not in FINISHED:
+        line += f", cancel requested; it stops within seconds (`inco wait {job['id']}`)"
+    Console(highlight=False).print(line, soft_wrap=True)
+
+
+def results(
+    method: Annotated[str | None, typer.Option(help="only this method")] = None,
+    ratio: Annotated[str | None, typer.Option(help="only this label ratio, e.g. 1:16")] = None,
+    eval_: Annotated[str | None, typer.Option("--eval", help="only finetune or linear")] = None,
+    preset: Annotated[str | None, typer.Option(help="only paper, cpu or smoke")] = None,
+    dataset: Annotated[str | None, typer.Option(help="only this data set")] = None,
+    format_: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
+) -> None:
+    """The leaderboard: mean ± std of test accuracy over seeds, per method and label ratio (Table 1).
+
+    json and csv give the raw rows, accuracy as a fraction."""
+    if format_ not in ("table", "json", "csv"):
+        _fail(f"--format must be table, json or csv (got {format_!r})")
+    with _api() as api:
+        rows = api.leaderboard(method=method, ratio=ratio, eval=eval_, preset=preset, dataset=dataset)
+    if format_ == "json":
+        _print_json(rows)
+    elif format_ == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(CSV_FIELDS)
+        writer.writerows([row[f] for f in CSV_FIELDS] for row in rows)
+    elif not rows:
+        _err().print("no results yet: submit a job with `inco submit`, or loosen the filters")
+    else:
+        console = Console()
+        for table in leaderboard_tables(rows):
+            console.print(table)
+
+
+datasets_app = typer.Typer(help="Data sets registered with the service; `inco datasets` lists them.")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List your team's data sets (`inco datasets add NAME PATH` registers one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with _api() as api:
+        rows = api.datasets()
+    if as_json:
+        _print_json(rows)
+    elif not rows:
+        _err().print("no data sets: register a folder with `inco datasets add NAME PATH`")
+    else:
+        Console().print(datasets_table(rows))
+
+
+@datasets_app.command("add")
+def datasets_add(
+    name: Annotated[str, typer.Argument(help="the name jobs use (`inco submit --dataset NAME`)")],
+    path: Annotated[str, typer.Argument(help="a folder under the server's data root (INCO_DATA_ROOT)")],
+) -> None:
+    """Register a folder of class sub-folders (or NEU-style file names) under a name."""
+    with _api() as api:
+        ds = api.add_dataset(name=name, path=path)
+    Console(highlight=False).print(
+        f"registered data set {ds['name']}: {ds['images']} images, {len(ds['classes'])} classes ({ds['path']})",
+        soft_wrap=True,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    for command in (submit, jobs, status, wait, logs, cancel, results):
+        app.command()(command)
+    app.add_typer(datasets_app, name="datasets")

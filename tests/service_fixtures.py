@@ -1,0 +1,93 @@
+"""Fixtures for the service tests: a fresh SQLite file or PostgreSQL database, a flushed Redis
+database, the API in-process, teams with tokens, and one local Ray for the whole session."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from sqlalchemy import create_engine, text
+from sqlmodel import SQLModel
+
+from server.settings import Settings
+from server.store import access
+from server.store.db import make_engine, migrate, session_scope
+
+PG_ADMIN = os.environ.get("INCO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_TEST = os.environ.get("INCO_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database of its own for this test session, dropped at the end."""
+    name = f"inco_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL at {PG_ADMIN} is needed (scripts/services.sh starts it): {exc}")
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _empty(url: str) -> None:
+    engine = make_engine(url)
+    migrate(engine)
+    with engine.begin() as conn:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            conn.execute(table.delete())
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store suite runs on both databases: a new SQLite file, or the session's PostgreSQL
+    database emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'inco.db'}"
+    url = request.getfixturevalue("pg_url")
+    _empty(url)
+    return url
+
+
+@pytest.fixture
+def redis_db() -> Redis:
+    redis = Redis.from_url(REDIS_TEST)
+    redis.flushdb()
+    return redis
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str, redis_db: Redis, neu_path: Path) -> Settings:
+    return Settings(
+        home=tmp_path / "home",
+        database_url=db_url,
+        redis_url=REDIS_TEST,
+        data_root=neu_path.parent,
+        queue=f"inco-test-{secrets.token_hex(3)}",
+    )
+
+
+@pytest.fixture
+def engine(settings: Settings):
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def make_team(engine, name: str) -> str:
+    with session_scope(engine) as s:
+        return access.create_token(s, team=access.ensure_team(s, name=name))
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

@@ -1,0 +1,206 @@
+"""Queue + worker end to end: a real `inco worker` process, real Redis, SQLite, a local Ray and the
+real NEU-CLS images; jobs are submitted through the API."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from server.api.app import create_app
+from server.settings import Settings
+from server.store import access
+from server.store.db import make_engine, migrate, session_scope
+from tests.service_fixtures import auth, make_team
+from worker.main import ray_env, start_local_ray
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+REDIS_WORKER = os.environ.get("INCO_TEST_REDIS_WORKER", "redis://127.0.0.1:6379/11")
+SMOKE = {"spec": {"ratios": ["1:16"], "preset": "smoke", "resources": {"device": "cpu"}}}
+
+
+@pytest.fixture(scope="session")
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One local Ray head for the session (a Ray start costs seconds here)."""
+    home = tmp_path_factory.mktemp("ray-home")
+    proc, address = start_local_ray(home)
+    yield {**ray_env(home), "RAY_ADDRESS": address}
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@dataclass
+class Service:
+    settings: Settings
+    client: TestClient
+    token: str
+    worker_log: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return auth(self.token)
+
+    def submit(self, body: dict) -> str:
+        r = self.client.post("/v1/jobs", json=body, headers=self.headers)
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+    def job(self, job_id: str) -> dict:
+        return self.client.get(f"/v1/jobs/{job_id}", headers=self.headers).json()
+
+    def get(self, path: str) -> list | dict:
+        return self.client.get(path, headers=self.headers).json()
+
+    def wait(self, job_id: str, timeout_s: float = 180) -> tuple[dict, list[str]]:
+        """Poll until the job ends; returns it and the statuses seen on the way."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if not seen or seen[-1] != job["status"]:
+                seen.append(job["status"])
+            if job["status"] in ("succeeded", "failed", "canceled"):
+                return job, seen
+            time.sleep(0.2)
+        raise AssertionError(
+            f"job {job_id} still {seen[-1]} after {timeout_s} s; worker log:\n" + self.worker_log.read_text()[-3000:]
+        )
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, neu_path: Path, local_ray: dict[str, str]) -> Iterator[Service]:
+    home = tmp_path_factory.mktemp("service-home")
+    settings = Settings(
+        home=home,
+        database_url=f"sqlite:///{home / 'inco.db'}",
+        redis_url=REDIS_WORKER,
+        data_root=neu_path.parent,
+        queue=f"inco-test-{secrets.token_hex(3)}",
+    )
+    Redis.from_url(REDIS_WORKER).flushdb()
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    token = make_team(engine, "alpha")
+    env = {
+        **os.environ,
+        **local_ray,
+        "INCO_HOME": str(home),
+        "INCO_DATABASE_URL": settings.db_url,
+        "INCO_REDIS_URL": REDIS_WORKER,
+        "INCO_QUEUE": settings.queue,
+        "INCO_CPUS_PER_WORKER": "2",
+    }
+    log = home / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "worker"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    with TestClient(create_app(settings)) as client:
+        svc = Service(settings, client, token, log)
+        r = client.post("/v1/datasets", json={"name": "default", "path": neu_path.name}, headers=svc.headers)
+        assert r.status_code == 201, r.text
+        yield svc
+    os.killpg(worker.pid, signal.SIGTERM)
+    time.sleep(1)
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    engine.dispose()
+
+
+def test_experiments_run_and_reuse_the_backbone(service: Service) -> None:
+    job_id = service.submit(SMOKE)
+    job, seen = service.wait(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert seen[-2:] == ["running", "succeeded"] and job["attempts"] == 1 and job["worker"]
+    metrics = service.get(f"/v1/jobs/{job_id}/metrics")
+    assert [(m["stage"], m["epoch"]) for m in metrics] == [("pretrain", 1), ("finetune 1:16", 1), ("finetune 1:16", 2)]
+    assert {"loss", "bid", "dwv_weight", "knn", "img_per_s"} <= set(metrics[0]["values"])
+    rows = service.get(f"/v1/jobs/{job_id}/results")
+    assert len(rows) == 1 and rows[0]["ratio"] == "1:16" and 0 <= rows[0]["accuracy"] <= 1
+    assert sum(map(sum, rows[0]["confusion_matrix"])) == 720 and len(rows[0]["per_class_recall"]) == 6
+    assert rows[0]["dataset"] == "default" and rows[0]["preset"] == "smoke" and rows[0]["code_version"]
+    board = service.get("/v1/results?preset=smoke")
+    assert [(r["variant"], r["ratio"], r["count"]) for r in board] == [("InCo with DWV", "1:16", 1)]
+    assert job["outputs"]["backbones"][0]["reused"] is False
+
+    # same method, pretrain config, data and seed: one pretraining in the store, reused by the second job
+    second = service.submit({"spec": {**SMOKE["spec"], "ratios": ["1:8"], "evals": ["linear"]}})
+    job2, _ = service.wait(second)
+    assert job2["status"] == "succeeded", job2["error"]
+    assert [m["stage"] for m in service.get(f"/v1/jobs/{second}/metrics")] == ["linear 1:8", "linear 1:8"]
+    assert job2["outputs"]["backbones"] == [{**job["outputs"]["backbones"][0], "reused": True}]
+    assert any("reusing backbone" in line["message"] for line in service.get(f"/v1/jobs/{second}/logs"))
+    with session_scope(make_engine(service.settings.db_url)) as s:
+        backbones = [a for a in access.list_artifacts(s, team_id=1) if a.kind == "backbone"]
+    assert len(backbones) == 1 and Path(backbones[0].path).exists()
+
+
+def test_a_failing_job_ends_failed_with_its_error(service: Service, neu_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    for cls in ("crazing", "scratches"):
+        (broken / cls).mkdir(parents=True)
+        for src in sorted((neu_path / cls).iterdir())[:20]:
+            shutil.copy(src, broken / cls / src.name)
+    (broken / "scratches" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    with session_scope(make_engine(service.settings.db_url)) as s:  # the admin registers any folder
+        access.add_dataset(s, team_id=1, name="broken", path=str(broken), images=41, classes=["crazing", "scratches"])
+    job_id = service.submit({"spec": {**SMOKE["spec"], "data": {"dataset": "broken"}}})
+    job, _ = service.wait(job_id)
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert "bad.jpg" in job["error"] and "cannot read image" in job["error"]
+    assert service.get(f"/v1/jobs/{job_id}/logs")[-1]["level"] == "error"
+
+
+def test_cancel_stops_a_running_job_within_seconds(service: Service) -> None:
+    job_id = service.submit({"spec": {**SMOKE["spec"], "overrides": {"pretrain.epochs": 500}}})
+    deadline = time.monotonic() + 120
+    while not service.get(f"/v1/jobs/{job_id}/metrics"):  # training is under way
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    r = service.client.post(f"/v1/jobs/{job_id}/cancel", headers=service.headers)
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    job, _ = service.wait(job_id, timeout_s=60)
+    took = time.monotonic() - t0
+    assert job["status"] == "canceled" and took < 30, took
+    assert len(service.get(f"/v1/jobs/{job_id}/metrics")) < 500
+
+
+def test_pretrain_then_finetune_is_a_chain(service: Service) -> None:
+    spec = {**SMOKE["spec"], "method": "simclr"}
+    pre = service.submit({"kind": "pretrain", "spec": spec})
+    ft = service.submit({"kind": "finetune", "pretrained_job": pre, "spec": spec})
+    assert service.job(ft)["status"] == "queued"
+    pre_job, _ = service.wait(pre)
+    assert pre_job["status"] == "succeeded", pre_job["error"]
+    assert service.get(f"/v1/jobs/{pre}/results") == [] and len(pre_job["outputs"]["backbones"]) == 1
+    ft_job, _ = service.wait(ft)
+    assert ft_job["status"] == "succeeded", ft_job["error"]
+    assert ft_job["started_at"] >= pre_job["finished_at"]
+    assert [m["stage"] for m in service.get(f"/v1/jobs/{ft}/metrics")] == ["finetune 1:16"] * 2  # no pretraining
+    assert ft_job["outputs"]["backbones"][0]["key"] == pre_job["outputs"]["backbones"][0]["key"]
