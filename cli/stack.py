@@ -128,6 +128,24 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively (from /proc; an RQ work horse has a process group of
+    its own, so signalling the worker's group does not reach it)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _spawn(name: str, cmd: list[str], env: dict[str, str], home: Path) -> int:
     (home / "logs").mkdir(parents=True, exist_ok=True)
     with open(home / "logs" / f"{name}.log", "ab") as log:
@@ -307,6 +325,7 @@ def _stop(pids: dict[str, int]) -> list[str]:
         pid = pids.get(name)
         if pid is None or not _alive(pid):
             continue
+        family = descendants(pid)
         try:
             os.killpg(pid, signal.SIGTERM)
             if name == "worker":  # RQ: a second SIGTERM stops the running job too (it is re-run later)
@@ -320,6 +339,10 @@ def _stop(pids: dict[str, int]) -> list[str]:
             time.sleep(0.2)
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
+        for child in family:  # e.g. a work horse that outlived its worker
+            if _alive(child):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
         _reap(pid)
         stopped.append(name)
     return stopped

@@ -33,3 +33,24 @@ def test_inco_core_reads_no_environment() -> None:
         if "os.environ" in p.read_text() or "getenv" in p.read_text()
     ]
     assert not offenders
+
+
+def test_store_queue_and_worker_do_not_load_fastapi() -> None:
+    loaded = _loaded_after("import server.store.access, server.store.db, server.queue, worker.jobs, worker.main")
+    assert "fastapi" not in loaded and "starlette" not in loaded
+    assert "torch" not in loaded and "ray" not in loaded  # the worker loads them only to run a job
+
+
+def test_only_the_api_package_imports_fastapi() -> None:
+    offenders = [
+        str(p.relative_to(REPO))
+        for folder in ("server", "worker", "inco_core")
+        for p in (REPO / folder).rglob("*.py")
+        if "import fastapi" in p.read_text() or "from fastapi" in p.read_text()
+        if "server/api" not in str(p)
+    ]
+    assert not offenders
+
+
+def test_server_package_init_is_empty() -> None:
+    assert (REPO / "server" / "__init__.py").read_text().strip() == ""

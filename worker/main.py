@@ -131,6 +131,9 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
             connection=redis,
             name=name or f"inco-{socket.gethostname()}-{os.getpid()}",
             exception_handlers=[mark_failed_when_retries_run_out],
+            job_monitoring_interval=settings.heartbeat_s,
+            maintenance_interval=settings.maintenance_s,
+            worker_ttl=settings.maintenance_s + 15,  # an idle worker waits this - 15 s for a job, then maintains
         )
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
     finally:

@@ -18,31 +18,16 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from cli.stack import descendants
 from server.api.app import create_app
 from server.settings import Settings
 from server.store import access
 from server.store.db import make_engine, migrate, session_scope
 from tests.service_fixtures import auth, make_team
-from worker.main import ray_env, start_local_ray
+from tests.worker.conftest import REPO, SMOKE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 REDIS_WORKER = os.environ.get("INCO_TEST_REDIS_WORKER", "redis://127.0.0.1:6379/11")
-SMOKE = {"spec": {"ratios": ["1:16"], "preset": "smoke", "resources": {"device": "cpu"}}}
-
-
-@pytest.fixture(scope="session")
-def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """One local Ray head for the session (a Ray start costs seconds here)."""
-    home = tmp_path_factory.mktemp("ray-home")
-    proc, address = start_local_ray(home)
-    yield {**ray_env(home), "RAY_ADDRESS": address}
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 @dataclass
@@ -51,6 +36,31 @@ class Service:
     client: TestClient
     token: str
     worker_log: Path
+    env: dict[str, str]
+    worker: subprocess.Popen[bytes] | None = None
+
+    def start_worker(self) -> None:
+        with open(self.worker_log, "ab") as out:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "cli.main", "worker"],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop_worker(self) -> None:
+        if self.worker is None:
+            return
+        os.killpg(self.worker.pid, signal.SIGTERM)
+        time.sleep(1)
+        os.killpg(self.worker.pid, signal.SIGTERM)
+        try:
+            self.worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait(10)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -106,29 +116,13 @@ def service(tmp_path_factory: pytest.TempPathFactory, neu_path: Path, local_ray:
         "INCO_QUEUE": settings.queue,
         "INCO_CPUS_PER_WORKER": "2",
     }
-    log = home / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     with TestClient(create_app(settings)) as client:
-        svc = Service(settings, client, token, log)
+        svc = Service(settings, client, token, home / "worker.log", env)
+        svc.start_worker()
         r = client.post("/v1/datasets", json={"name": "default", "path": neu_path.name}, headers=svc.headers)
         assert r.status_code == 201, r.text
         yield svc
-    os.killpg(worker.pid, signal.SIGTERM)
-    time.sleep(1)
-    os.killpg(worker.pid, signal.SIGTERM)
-    try:
-        worker.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
+        svc.stop_worker()
     engine.dispose()
 
 
@@ -204,3 +198,34 @@ def test_pretrain_then_finetune_is_a_chain(service: Service) -> None:
     assert ft_job["started_at"] >= pre_job["finished_at"]
     assert [m["stage"] for m in service.get(f"/v1/jobs/{ft}/metrics")] == ["finetune 1:16"] * 2  # no pretraining
     assert ft_job["outputs"]["backbones"][0]["key"] == pre_job["outputs"]["backbones"][0]["key"]
+
+
+def test_a_job_whose_worker_dies_runs_again_and_resumes(service: Service) -> None:
+    """kill -9 of the worker (and its work horse) mid-pretraining: a new worker picks the job up once
+    its heartbeat has expired, and the new attempt resumes from the last epoch checkpoint."""
+    spec = {**SMOKE["spec"], "method": "simsiam", "overrides": {"pretrain.epochs": 30, "pretrain.max_images": 128}}
+    job_id = service.submit({"spec": spec})
+    deadline = time.monotonic() + 120
+    while len(service.get(f"/v1/jobs/{job_id}/metrics")) < 2:
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    horse = descendants(service.worker.pid)
+    assert horse, "no work horse under the worker"
+    for pid in [service.worker.pid, *horse]:  # the machine goes down: worker and work horse
+        os.kill(pid, signal.SIGKILL)
+    service.worker.wait(10)
+    killed_at = len(service.get(f"/v1/jobs/{job_id}/metrics"))
+    service.start_worker()
+    job, _ = service.wait(job_id, timeout_s=400)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 2
+    epochs = [m["epoch"] for m in service.get(f"/v1/jobs/{job_id}/metrics") if m["stage"] == "pretrain"]
+    assert epochs == list(range(1, 31))  # every epoch once, none duplicated
+    assert len(service.get(f"/v1/jobs/{job_id}/results")) == 1
+    with session_scope(make_engine(service.settings.db_url)) as s:
+        key = job["outputs"]["backbones"][0]["key"]
+        art = access.find_artifact(s, team_id=1, kind="backbone", key=key)
+    import torch
+
+    resumed = torch.load(art.path, weights_only=True)["meta"]["resumed_at_epoch"]
+    assert resumed is not None and 1 <= resumed <= killed_at + 1

@@ -93,7 +93,7 @@ def list_jobs(
 ) -> list[JobPublic]:
     """The team's jobs, newest first."""
     jobs = access.list_jobs(session, team_id=team.id, status=status, limit=limit, offset=offset)
-    return [access.job_public(session, j) for j in jobs]
+    return access.jobs_public(session, jobs)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
