@@ -251,17 +251,20 @@ def _variant_key(row: dict[str, Any]) -> tuple[int, str]:
 
 
 def leaderboard_tables(rows: list[dict[str, Any]]) -> list[Group]:
-    """One table per (data set, preset, evaluation), laid out like the paper's Table 1: a row per
+    """One table per (data set, preset and its overrides, evaluation), laid out like the paper's Table 1: a row per
     method variant, a column per label ratio (1:2 before 1:16), cells mean ± std over seeds in %."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["dataset"], row["preset"], row["eval"]), []).append(row)
+        groups.setdefault((row["dataset"], row["preset"], row.get("setup", ""), row["eval"]), []).append(row)
     tables = []
-    for (dataset, preset, ev), cells in sorted(groups.items()):
+    for (dataset, preset, setup, ev), cells in sorted(groups.items()):
         ratios = sorted({c["ratio"] for c in cells}, key=ratio_n)
         variants = sorted({(_variant_key(c), c["variant"]) for c in cells})
         best = {r: max(c["mean"] for c in cells if c["ratio"] == r) for r in ratios}
-        title = Text(f"{dataset} · {preset} preset · {ev}: test accuracy (%), mean ± std over seeds", style="bold")
+        with_setup = f" ({setup})" if setup else ""
+        title = Text(
+            f"{dataset} · {preset} preset{with_setup} · {ev}: test accuracy (%), mean ± std over seeds", style="bold"
+        )
         table = Table()
         table.add_column("method")
         for ratio in ratios:

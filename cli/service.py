@@ -29,7 +29,7 @@ from cli.render import (
 FINISHED = ("succeeded", "failed", "canceled")
 POLL_S = 1.0
 TIMEOUT_EXIT = 2
-CSV_FIELDS = ("dataset", "preset", "eval", "variant", "method", "ratio", "mean", "std", "count")
+CSV_FIELDS = ("dataset", "preset", "setup", "eval", "variant", "method", "ratio", "mean", "std", "count")
 JobId = Annotated[str, typer.Argument(help="the job's id (`inco jobs` lists them)", show_default=False)]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON on stdout")]
 

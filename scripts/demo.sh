@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job end to end on embedded defaults: install into .venv, start the local stack (SQLite,
 # a local Redis, a local Ray, the API and one worker), submit an InCo experiment at 1:16, follow it
-# to the end, print the leaderboard, stop the stack. PRESET=cpu runs the reduced real experiment
-# (about 30 minutes on 2 cores); the default smoke preset takes about a minute.
+# to the end, print the leaderboard, stop the stack. By default the cpu preset is cut to 3
+# pretraining epochs on 512 images (a couple of minutes on 2 cores); PRESET=cpu runs the reduced
+# real experiment (about 30 minutes), PRESET=smoke the seconds-long test run (chance accuracy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -13,5 +14,10 @@ export INCO_API_URL="http://127.0.0.1:$PORT"
 INCO=.venv/bin/inco
 $INCO up --port "$PORT" --data "$INCO_DATA"
 trap '$INCO down' EXIT
-$INCO submit --method inco --ratio 1:16 --eval finetune --preset "${PRESET:-smoke}" --wait "$@"
+if [ -n "${PRESET:-}" ]; then
+  RUN=(--preset "$PRESET")
+else
+  RUN=(--preset cpu --set pretrain.epochs=3 --set pretrain.max_images=512)
+fi
+$INCO submit --method inco --ratio 1:16 --eval finetune "${RUN[@]}" --wait "$@"
 $INCO results

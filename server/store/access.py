@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import secrets
 from collections import defaultdict
@@ -267,6 +268,7 @@ def add_results(session: Session, *, job: Job, result: dict[str, Any], dataset: 
                 team_id=job.team_id,
                 dataset=dataset,
                 preset=result["spec"]["preset"],
+                setup=describe_setup(result["spec"]),
                 hardware=result["hardware"],
                 code_version=result["code_version"],
                 data_fingerprint=result["data"]["fingerprint"],
@@ -275,6 +277,30 @@ def add_results(session: Session, *, job: Job, result: dict[str, Any], dataset: 
         )
         added += 1
     return added
+
+
+def describe_setup(spec: dict[str, Any]) -> str:
+    """How a run departs from its preset, as sorted ``key=value`` pairs: results are only compared
+    (and averaged over seeds) with results of the same setup. ``a_f`` is left out because it names
+    the variant ('InCo without DWV')."""
+    from inco_core.config import _expand_dotted
+
+    def flat(node: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                out.extend(flat(value, f"{prefix}{key}."))
+            else:
+                out.append((f"{prefix}{key}", value))
+        return out
+
+    pairs = [(k, v) for k, v in flat(_expand_dotted(spec.get("overrides") or {})) if k != "pretrain.inco.a_f"]
+    if spec.get("optimizer", "default") != "default":
+        pairs.append(("optimizer", spec["optimizer"]))
+    text = ", ".join(
+        f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in sorted(pairs)
+    )
+    return text[:1024]
 
 
 _RESULT_FIELDS = (
@@ -320,13 +346,13 @@ def list_results(
 
 
 def leaderboard(rows: list[Result]) -> list[LeaderboardRow]:
-    """Group by (data set, preset, variant, ratio, evaluation): mean and sample std over seeds. A seed
-    evaluated by several jobs counts once (its latest result)."""
+    """Group by (data set, preset, setup, variant, ratio, evaluation): mean and sample std over seeds.
+    A seed evaluated by several jobs counts once (its latest result)."""
     cells: dict[tuple[str, ...], dict[int, Result]] = defaultdict(dict)
     for r in rows:
-        cells[(r.dataset, r.preset, r.method, r.variant, r.ratio, r.eval)][r.seed] = r
+        cells[(r.dataset, r.preset, r.setup, r.method, r.variant, r.ratio, r.eval)][r.seed] = r
     out = []
-    for (dataset, preset, method, variant, ratio, ev), by_seed in cells.items():
+    for (dataset, preset, setup, method, variant, ratio, ev), by_seed in cells.items():
         accs = [r.accuracy for r in by_seed.values()]
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
@@ -334,6 +360,7 @@ def leaderboard(rows: list[Result]) -> list[LeaderboardRow]:
             LeaderboardRow(
                 dataset=dataset,
                 preset=preset,
+                setup=setup,
                 method=method,
                 variant=variant,
                 ratio=ratio,
@@ -344,7 +371,7 @@ def leaderboard(rows: list[Result]) -> list[LeaderboardRow]:
                 seeds=sorted(by_seed),
             )
         )
-    out.sort(key=lambda r: (r.dataset, r.preset, r.eval, r.variant, int(r.ratio.split(":")[1])))
+    out.sort(key=lambda r: (r.dataset, r.preset, r.setup, r.eval, r.variant, int(r.ratio.split(":")[1])))
     return out
 
 

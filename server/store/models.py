@@ -224,6 +224,7 @@ class Result(SQLModel, table=True):
     team_id: int = Field(foreign_key="teams.id", index=True)
     dataset: str = Field(max_length=64)
     preset: str = Field(max_length=16)
+    setup: str = Field(default="", max_length=1024, description="how the run departs from its preset ('' = none)")
     method: str = Field(max_length=32, index=True)
     variant: str = Field(max_length=64)
     ratio: str = Field(max_length=8)
@@ -247,6 +248,7 @@ class ResultPublic(SQLModel):
     job_id: str
     dataset: str
     preset: str
+    setup: str
     method: str
     variant: str
     ratio: str
@@ -270,6 +272,7 @@ class LeaderboardRow(BaseModel):
 
     dataset: str
     preset: str
+    setup: str = PydField(description="overrides of the preset, e.g. 'pretrain.epochs=50'; '' for none")
     method: str
     variant: str
     ratio: str

@@ -287,7 +287,7 @@ def test_results_table_json_and_csv(api: Api, finished_job: str) -> None:
 
     out = _inco(api, "results", "--format", "csv", "--ratio", "1:16").stdout
     (cell,) = list(csv.DictReader(io.StringIO(out)))
-    assert list(cell) == ["dataset", "preset", "eval", "variant", "method", "ratio", "mean", "std", "count"]
+    assert list(cell) == ["dataset", "preset", "setup", "eval", "variant", "method", "ratio", "mean", "std", "count"]
     assert cell["variant"] == "InCo with DWV" and cell["ratio"] == "1:16" and cell["count"] == "3"
     assert float(cell["mean"]) == pytest.approx(0.92)
 

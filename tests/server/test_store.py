@@ -10,7 +10,7 @@ from sqlmodel import SQLModel, select
 from inco_core.progress import EpochLog
 from server.errors import Conflict
 from server.store import access
-from server.store.db import schema_is_current, session_scope
+from server.store.db import migrate, schema_is_current, session_scope
 from server.store.models import ApiToken, Artifact, JobCreate, JobStatus, Metric
 
 
@@ -134,3 +134,64 @@ def test_an_artifact_is_recorded_once_per_key(engine) -> None:
     with session_scope(engine) as s:
         arts = access.list_artifacts(s, team_id=team_id)
         assert [a.path for a in arts] == ["/a.pt"]
+
+
+def test_upgrading_a_store_keeps_its_rows(db_url: str) -> None:
+    """A store at the first revision, with a result in it, upgraded to the newest schema."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from server.store.db import _alembic_config, make_engine
+
+    engine = make_engine(db_url)
+    with engine.begin() as conn:  # the fixture may have migrated an emptied database already
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table.name}")
+    command.upgrade(_alembic_config(engine), "0001")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO teams (name, created_at) VALUES ('alpha', CURRENT_TIMESTAMP)"))
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, kind, team_id, spec, status, created_at, attempts, cancel_requested, outputs) "
+                "VALUES ('j1', 'experiment', 1, '{}', 'succeeded', CURRENT_TIMESTAMP, 1, false, '{}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO results (job_id, team_id, dataset, preset, method, variant, ratio, eval, seed, accuracy, "
+                "per_class_recall, confusion_matrix, classes, labelled_images, test_images, wall_time_s, hardware, "
+                "code_version, data_fingerprint, created_at) VALUES ('j1', 1, 'd', 'cpu', 'inco', 'InCo with DWV', "
+                "'1:16', 'finetune', 0, 0.9, '{}', '[]', '[]', 66, 720, 1.0, 'cpu', 'v', 'f', CURRENT_TIMESTAMP)"
+            )
+        )
+    assert not schema_is_current(engine)
+    migrate(engine)
+    assert schema_is_current(engine)
+    with session_scope(engine) as s:
+        (row,) = access.list_results(s, team_id=1)
+        assert (row.accuracy, row.setup) == (0.9, "")
+    engine.dispose()
+
+
+def test_results_of_other_setups_are_not_averaged_together(engine) -> None:
+    team_id, job = _job(engine)
+    tuned = {**_result_dict([0.4]), "spec": {"preset": "smoke", "overrides": {"pretrain": {"epochs": 3}}}}
+    paper = {
+        **_result_dict([0.2]),
+        "spec": {"preset": "smoke", "optimizer": "paper-literal", "overrides": {"pretrain.inco.a_f": 0}},
+    }
+    with session_scope(engine) as s:
+        j = access.get_job(s, job_id=job.id, team_id=None)
+        access.add_results(s, job=j, result=_result_dict([0.6]), dataset="d")
+    for result in (tuned, paper):
+        with session_scope(engine) as s:
+            _, other = _job(engine)
+            access.add_results(s, job=access.get_job(s, job_id=other.id, team_id=None), result=result, dataset="d")
+    with session_scope(engine) as s:
+        board = access.leaderboard(access.list_results(s, team_id=team_id))
+    assert sorted((r.setup, r.mean) for r in board) == [
+        ("", 0.6),
+        ("optimizer=paper-literal", 0.2),
+        ("pretrain.epochs=3", 0.4),
+    ]
