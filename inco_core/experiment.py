@@ -20,6 +20,7 @@ from inco_core.checkpoint import code_version, load_checkpoint, save_checkpoint
 from inco_core.config import METHODS, RunSpec, TrainingConfig, config_hash
 from inco_core.data import ImageSet, load_images
 from inco_core.device import hardware, prepare_model, select_device
+from inco_core.distributed import world
 from inco_core.errors import CheckpointError, ConfigError
 from inco_core.evaluate import EvalData, KnnMonitor, Metrics, finetune, linear_eval
 from inco_core.methods import build_method, method_class
@@ -169,6 +170,7 @@ class Experiment:
         if missing:
             raise ConfigError(f"no pretrained backbone given for seed(s) {missing}: pretrain them first")
         self._backbones: dict[str, tuple[Backbone, PretrainInfo]] = {}  # by pretrain key
+        self.rank, self.world_size = world()  # data-parallel pretraining when a process group is up
 
     def _stage(self, name: str, seed: int) -> str:
         """Stage names are unique within a run: the seed is added when there are several."""
@@ -236,8 +238,11 @@ class Experiment:
         resume_ckpt = run_ckpt.with_name(run_ckpt.stem + "-last.pt")
         torch.manual_seed(seed)
         method = prepare_model(build_method(self.spec.method, self.cfg.pretrain), self.device)
-        monitor = KnnMonitor(
-            ds.images[monitor_idx].to(self.device), ds.labels[monitor_idx], self.cfg.pretrain, self.device
+        lead = self.rank == 0
+        monitor = (
+            KnnMonitor(ds.images[monitor_idx].to(self.device), ds.labels[monitor_idx], self.cfg.pretrain, self.device)
+            if lead
+            else None
         )
         resume_ckpt.parent.mkdir(parents=True, exist_ok=True)
         resume = None
@@ -245,7 +250,7 @@ class Experiment:
             resume = torch.load(resume_ckpt, map_location="cpu", weights_only=True)
 
         def keep_last(epoch: int, make_state: Any) -> None:
-            if epoch < self.cfg.pretrain.epochs:
+            if lead and epoch < self.cfg.pretrain.epochs:
                 tmp = resume_ckpt.with_name(f".{resume_ckpt.name}.tmp{os.getpid()}")
                 torch.save(make_state(), tmp)
                 os.replace(tmp, resume_ckpt)
@@ -262,9 +267,15 @@ class Experiment:
             resume=resume,
             on_epoch_end=keep_last,
             stage=self._stage("pretrain", seed),
+            rank=self.rank,
+            world_size=self.world_size,
         )
         wall = time.perf_counter() - t0
         history = [asdict(log) for log in run.history]
+        info = PretrainInfo(seed, key, str(run_ckpt), False, len(indices), wall, history)
+        self._backbones[key] = (method.backbone, info)
+        if not lead:
+            return self._backbones[key]
         save_checkpoint(
             run_ckpt,
             kind="pretrain",
@@ -282,10 +293,8 @@ class Experiment:
             },
         )
         resume_ckpt.unlink(missing_ok=True)
-        info = PretrainInfo(seed, key, str(run_ckpt), False, len(indices), wall, history)
         if self.backbones is not None:
             self.backbones.add(self.spec.method, key, run_ckpt, info)
-        self._backbones[key] = (method.backbone, info)
         return self._backbones[key]
 
     # -- evaluation -------------------------------------------------------------------------
@@ -334,15 +343,24 @@ class Experiment:
         ratios = self.spec.ratio_values
         rows: list[ResultRow] = []
         variant = variant_name(self.spec.method, self.cfg)
-        for seed in self.spec.seeds:
-            subsets = labelled_subsets(ds.labels, split.train, ds.classes, ratios, seed=seed)
-            monitor_idx = subsets[min(ratios)]
+        if pretrain_only and not self.method_cls.pretrains:
+            raise ConfigError(f"method {self.spec.method!r} has no pretraining stage")
+        subsets_by_seed = {
+            seed: labelled_subsets(ds.labels, split.train, ds.classes, ratios, seed=seed) for seed in self.spec.seeds
+        }
+        # phase 1, on every data-parallel rank: every pretraining the run needs (pretraining on the
+        # labelled images depends on the ratio; on all training images it is done once per seed)
+        if self.method_cls.pretrains:
+            for seed, subsets in subsets_by_seed.items():
+                for ratio in sorted(ratios):
+                    indices = self._pretrain_indices(split, subsets[ratio], seed)
+                    self.backbone_for(ds, indices, subsets[min(ratios)], seed)
+        if self.rank != 0:
+            return {}  # phase 2 (evaluation, results) runs on rank 0 only: each test image once
+        for seed, subsets in subsets_by_seed.items():
             if pretrain_only:
-                if not self.method_cls.pretrains:
-                    raise ConfigError(f"method {self.spec.method!r} has no pretraining stage")
-                for ratio in sorted(ratios):  # pretraining on labelled images depends on the ratio
-                    self.backbone_for(ds, self._pretrain_indices(split, subsets[ratio], seed), monitor_idx, seed)
                 continue
+            monitor_idx = subsets[min(ratios)]
             for ratio in ratios:
                 info = None
                 if self.method_cls.pretrains:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from inco_core.augment import augment_views
 from inco_core.config import OptimConfig, PretrainConfig
 from inco_core.device import autocast, prepare_input
+from inco_core.distributed import all_reduce_mean, average_gradients, broadcast_state
 from inco_core.errors import InCoError
 from inco_core.methods.base import PretrainMethod, StepContext
 from inco_core.progress import EpochLog, NullReporter, Reporter
@@ -123,9 +124,11 @@ def pretrain(
     reporter = reporter or NullReporter()
     method.to(device)
     method.train()
+    broadcast_state(method)  # data-parallel ranks start from rank 0's weights
     partition = BatchPartition(len(images), cfg.batch_size, seed, fixed=method.fixed_partition)
     steps_per_epoch = len(partition)
-    opt = build_optimizer(method.trainable_parameters(), cfg.optim)
+    params = [p for p in method.trainable_parameters() if p.requires_grad]
+    opt = build_optimizer(params, cfg.optim)
     sched = build_schedule(opt, cfg.optim, cfg.epochs * steps_per_epoch, steps_per_epoch)
     gen = torch.Generator(device=device).manual_seed(seed + rank)
     start_epoch = 0
@@ -135,6 +138,7 @@ def pretrain(
         sched.load_state_dict(resume["schedule"])
         gen.set_state(resume["generator"].to(gen.get_state().device))
         start_epoch = int(resume["epoch"])
+        broadcast_state(method)
 
     def make_state(epoch: int) -> dict[str, Any]:
         return {
@@ -152,6 +156,9 @@ def pretrain(
         seen, t0 = 0, time.perf_counter()
         for step, batch in enumerate(partition.batches(epoch)):
             positions, labels = partition.local(batch, rank, world_size)
+            # gradients are averaged over ranks: weighting each rank's mean loss by its share of the
+            # global batch makes that average the gradient of the global batch's mean loss
+            share = len(positions) * world_size / len(batch)
             views = augment_views(images[positions.to(images.device)].to(device), method.num_views, cfg.augment, gen)
             ctx = StepContext(epoch + step / steps_per_epoch, labels.to(device), cfg.batch_size)
             with autocast(device):
@@ -162,7 +169,8 @@ def pretrain(
                     "lower pretrain.optim.lr or use the default optimiser"
                 )
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            (out.loss * share if world_size > 1 else out.loss).backward()
+            average_gradients(params)
             opt.step()
             sched.step()
             method.after_optimizer_step()
@@ -170,8 +178,8 @@ def pretrain(
             for key, value in out.logs.items():
                 sums[key] = sums.get(key, 0.0) + value
             reporter.step(stage, {**out.logs, "img_per_s": seen / (time.perf_counter() - t0)})
-        metrics = {k: v / steps_per_epoch for k, v in sums.items()}
-        metrics["img_per_s"] = seen / (time.perf_counter() - t0)
+        metrics = all_reduce_mean({k: v / steps_per_epoch for k, v in sums.items()})
+        metrics["img_per_s"] = seen * world_size / (time.perf_counter() - t0)  # all ranks
         metrics["lr"] = opt.param_groups[0]["lr"]
         if monitor is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
             metrics["knn"] = monitor(method.backbone)

@@ -46,8 +46,9 @@ def _expected_rows(spec: RunSpec, kind: JobKind) -> int:
     return 0 if kind == JobKind.pretrain else len(spec.seeds) * len(spec.ratios) * len(spec.evals)
 
 
-def check_resources(spec: RunSpec) -> None:
-    """A job that asks for more than the Ray cluster has fails at once instead of waiting forever."""
+def check_resources(spec: RunSpec, cpus_per_worker: int) -> int:
+    """CPUs each Ray Train worker gets; a job that asks for more than the Ray cluster has fails at
+    once with the numbers instead of waiting forever for resources."""
     import ray
 
     from inco_core.errors import ConfigError
@@ -60,6 +61,13 @@ def check_resources(spec: RunSpec) -> None:
             f"the job asks for {gpus:g} GPU(s) but the Ray cluster has {have.get('GPU', 0):g}: "
             "lower resources.workers / gpus_per_worker, or use device 'cpu'"
         )
+    cpus = int(have.get("CPU", 0))
+    if res.workers > cpus:
+        raise ConfigError(
+            f"the job asks for {res.workers} workers but the Ray cluster has {cpus} CPU(s), one per worker at "
+            "least: lower resources.workers or add nodes to the cluster"
+        )
+    return max(1, min(cpus_per_worker, cpus // res.workers))
 
 
 def run_job(job_id: str) -> str:
@@ -128,8 +136,12 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
     }
     try:
         _connect_ray()
-        check_resources(spec)
-        fit(config, spec, storage_path=settings.artifact_dir / "ray", cpus_per_worker=settings.cpus_per_worker)
+        cpus = check_resources(spec, settings.cpus_per_worker)
+        res = spec.resources
+        with session_scope(engine) as s:
+            gpus = f", {res.gpus_per_worker or 1:g} GPU(s)" if res.gpus_per_worker or res.device == "cuda" else ""
+            access.add_log(s, job_id=job_id, message=f"training on {res.workers} workers of {cpus} CPU(s){gpus} each")
+        fit(config, spec, storage_path=settings.artifact_dir / "ray", cpus_per_worker=cpus)
     except Canceled:
         _finish(engine, job_id, JobStatus.canceled, "canceled while running")
         return "canceled"

@@ -134,8 +134,6 @@ class JobCreate(BaseModel):
             )
         if self.kind == JobKind.pretrain and self.spec.method == "supervised":
             raise ValueError("method 'supervised' has no pretraining: use kind 'experiment' or 'finetune'")
-        if self.spec.resources.workers > 1:
-            raise ValueError("resources.workers > 1 (DDP) is not available yet: use 1 worker")
         return self
 
 

@@ -200,6 +200,28 @@ def test_pretrain_then_finetune_is_a_chain(service: Service) -> None:
     assert ft_job["outputs"]["backbones"][0]["key"] == pre_job["outputs"]["backbones"][0]["key"]
 
 
+def test_two_ray_workers_pretrain_data_parallel(service: Service) -> None:
+    spec = {**SMOKE["spec"], "method": "simclr", "resources": {"device": "cpu", "workers": 2}}
+    job_id = service.submit({"spec": spec})
+    job, _ = service.wait(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    metrics = service.get(f"/v1/jobs/{job_id}/metrics")
+    assert [(m["stage"], m["epoch"]) for m in metrics] == [("pretrain", 1), ("finetune 1:16", 1), ("finetune 1:16", 2)]
+    assert "knn" in metrics[0]["values"]  # rank 0 monitors, and reports once per epoch
+    rows = service.get(f"/v1/jobs/{job_id}/results")
+    assert len(rows) == 1 and sum(map(sum, rows[0]["confusion_matrix"])) == 720  # each test image once
+    assert any("2 workers" in line["message"] for line in service.get(f"/v1/jobs/{job_id}/logs"))
+
+
+def test_a_job_larger_than_the_cluster_fails_at_once(service: Service) -> None:
+    job_id = service.submit({"spec": {**SMOKE["spec"], "resources": {"device": "cpu", "workers": 64}}})
+    job, _ = service.wait(job_id, timeout_s=60)
+    assert job["status"] == "failed" and "asks for 64 workers but the Ray cluster has 2 CPU(s)" in job["error"]
+    gpu = service.submit({"spec": {**SMOKE["spec"], "resources": {"device": "cuda", "workers": 1}}})
+    job, _ = service.wait(gpu, timeout_s=60)
+    assert job["status"] == "failed" and "asks for 1 GPU(s) but the Ray cluster has 0" in job["error"]
+
+
 def test_a_job_whose_worker_dies_runs_again_and_resumes(service: Service) -> None:
     """kill -9 of the worker (and its work horse) mid-pretraining: a new worker picks the job up once
     its heartbeat has expired, and the new attempt resumes from the last epoch checkpoint."""
