@@ -126,7 +126,15 @@ def test_pretraining_resumes_from_its_last_epoch(neu_path: Path, tmp_path: Path)
     out = Experiment(spec, run_dir=tmp_path / "run", reporter=reporter).run(pretrain_only=True)
     assert [log.epoch for log in reporter.epochs] == [3]  # epochs 1 and 2 were not trained again
     assert not list((tmp_path / "run" / "checkpoints").glob("*-last.pt"))
-    assert torch.load(out["pretraining"][0]["checkpoint"], weights_only=True)["meta"]["resumed_at_epoch"] == 2
+    resumed = torch.load(out["pretraining"][0]["checkpoint"], weights_only=True)
+    assert resumed["meta"]["resumed_at_epoch"] == 2
+
+    # the same run without the interruption ends with the same weights (same seed, CPU): the model,
+    # optimiser, schedule, augmentation RNG and BID partition all come back from the checkpoint
+    whole = Experiment(spec, run_dir=tmp_path / "whole").run(pretrain_only=True)
+    straight = torch.load(whole["pretraining"][0]["checkpoint"], weights_only=True)
+    for name, value in straight["state_dict"].items():
+        assert torch.allclose(resumed["state_dict"][name].float(), value.float(), atol=1e-5), name
 
 
 def test_stage_names_carry_the_seed_when_there_are_several(neu_path: Path, tmp_path: Path) -> None:

@@ -200,8 +200,14 @@ def test_pretrain_then_finetune_is_a_chain(service: Service) -> None:
     assert ft_job["outputs"]["backbones"][0]["key"] == pre_job["outputs"]["backbones"][0]["key"]
 
 
-def test_two_ray_workers_pretrain_data_parallel(service: Service) -> None:
-    spec = {**SMOKE["spec"], "method": "simclr", "resources": {"device": "cpu", "workers": 2}}
+@pytest.mark.parametrize("method", ["simclr", "mocov2"])  # negatives gathered with gradients / a shared queue
+def test_two_ray_workers_pretrain_data_parallel(service: Service, method: str) -> None:
+    spec = {
+        **SMOKE["spec"],
+        "method": method,
+        "resources": {"device": "cpu", "workers": 2},
+        "overrides": {"pretrain.max_images": 189},  # a backbone of its own; the last batch splits 31 + 30
+    }
     job_id = service.submit({"spec": spec})
     job, _ = service.wait(job_id)
     assert job["status"] == "succeeded", job["error"]
