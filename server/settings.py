@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     queue: str = Field("inco", min_length=1, description="Redis queue name")
     job_retries: int = Field(2, ge=0, le=100, description="re-runs of a job whose worker died")
     cpus_per_worker: int = Field(1, ge=1, le=1024, description="CPUs each Ray Train worker asks for")
+    train_restarts: int = Field(2, ge=0, le=100, description="restarts of a crashed Ray worker group per attempt")
     heartbeat_s: int = Field(10, ge=1, le=3600, description="worker heartbeat; a job is abandoned after it + 60 s")
     maintenance_s: int = Field(30, ge=1, le=3600, description="how often a worker looks for abandoned jobs")
     job_timeout_s: int = Field(7 * 24 * 3600, ge=10, description="longest a job may run")

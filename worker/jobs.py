@@ -141,7 +141,25 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
         with session_scope(engine) as s:
             gpus = f", {res.gpus_per_worker or 1:g} GPU(s)" if res.gpus_per_worker or res.device == "cuda" else ""
             access.add_log(s, job_id=job_id, message=f"training on {res.workers} workers of {cpus} CPU(s){gpus} each")
-        fit(config, spec, storage_path=settings.artifact_dir / "ray", cpus_per_worker=cpus)
+
+        def restarting(n: int, cause: BaseException) -> None:
+            with session_scope(engine) as s:
+                access.add_log(
+                    s,
+                    job_id=job_id,
+                    level="warning",
+                    message=f"worker group failed ({cause.__class__.__name__}: {cause}); "
+                    f"restart {n}/{settings.train_restarts} from the last checkpoint",
+                )
+
+        fit(
+            config,
+            spec,
+            storage_path=settings.artifact_dir / "ray",
+            cpus_per_worker=cpus,
+            restarts=settings.train_restarts,
+            on_restart=restarting,
+        )
     except Canceled:
         _finish(engine, job_id, JobStatus.canceled, "canceled while running")
         return "canceled"

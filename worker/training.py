@@ -7,6 +7,7 @@ The per-worker function turns Ray's config dict back into the run spec on its fi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,25 +113,45 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def fit(config: dict[str, Any], spec: RunSpec, *, storage_path: Path, cpus_per_worker: int) -> None:
-    """Run ``train_loop`` on ``spec.resources.workers`` Ray Train workers; raise the root cause of a
-    failure (a :class:`~server.errors.Canceled`, an ``InCoError`` or a bug)."""
+def fit(
+    config: dict[str, Any],
+    spec: RunSpec,
+    *,
+    storage_path: Path,
+    cpus_per_worker: int,
+    restarts: int = 2,
+    on_restart: Callable[[int, BaseException], None] | None = None,
+) -> None:
+    """Run ``train_loop`` on ``spec.resources.workers`` Ray Train workers.
+
+    A worker group that crashes (a killed process, a lost node, an out-of-memory error) is started
+    again up to ``restarts`` times and resumes from the run folder's last epoch checkpoint. A
+    :class:`~server.errors.Canceled` or an ``InCoError`` (the spec or the data) is raised at once:
+    running it again would end the same way. Ray's own ``FailureConfig`` would retry those too, so
+    the restarts are counted here, with ``max_failures=0`` for each group.
+    """
     res = spec.resources
     use_gpu = res.gpus_per_worker > 0 or res.device == "cuda"
     per_worker: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = res.gpus_per_worker or 1
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(
-            name=f"job-{config['job_id']}",  # stable: a re-run of the job finds its folder again
-            storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=0),
-        ),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:
-        raise root_cause(exc) from None
+    for attempt in range(restarts + 1):
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+            run_config=RunConfig(
+                name=f"job-{config['job_id']}-group{attempt}",  # stable per job: a re-run finds its folders
+                storage_path=str(storage_path),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            trainer.fit()
+            return
+        except Exception as exc:
+            cause = root_cause(exc)
+            if isinstance(cause, InCoError) or attempt == restarts:
+                raise cause from None
+            if on_restart is not None:
+                on_restart(attempt + 1, cause)

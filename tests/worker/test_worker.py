@@ -228,6 +228,44 @@ def test_a_job_larger_than_the_cluster_fails_at_once(service: Service) -> None:
     assert job["status"] == "failed" and "asks for 1 GPU(s) but the Ray cluster has 0" in job["error"]
 
 
+def _train_workers() -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"RayTrainWorker" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_crashed_worker_group_restarts_from_the_last_checkpoint(service: Service) -> None:
+    """kill -9 of the Ray Train worker mid-pretraining: the same attempt starts a new worker group,
+    which resumes from the last epoch checkpoint; every epoch is stored once."""
+    spec = {**SMOKE["spec"], "method": "simsiam", "overrides": {"pretrain.epochs": 20, "pretrain.max_images": 96}}
+    job_id = service.submit({"spec": spec})
+    deadline = time.monotonic() + 120
+    while len(service.get(f"/v1/jobs/{job_id}/metrics")) < 2:
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    victims = _train_workers()
+    assert victims, "no Ray Train worker process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    job, _ = service.wait(job_id, timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 1  # the queue did not need to run it again
+    logs = [line["message"] for line in service.get(f"/v1/jobs/{job_id}/logs")]
+    assert any("restart 1/" in m and "from the last checkpoint" in m for m in logs), logs
+    epochs = [m["epoch"] for m in service.get(f"/v1/jobs/{job_id}/metrics") if m["stage"] == "pretrain"]
+    assert epochs == list(range(1, 21))
+    with session_scope(make_engine(service.settings.db_url)) as s:
+        art = access.find_artifact(s, team_id=1, kind="backbone", key=job["outputs"]["backbones"][0]["key"])
+    import torch
+
+    assert torch.load(art.path, weights_only=True)["meta"]["resumed_at_epoch"] >= 1  # not from epoch 0
+
+
 def test_a_job_whose_worker_dies_runs_again_and_resumes(service: Service) -> None:
     """kill -9 of the worker (and its work horse) mid-pretraining: a new worker picks the job up once
     its heartbeat has expired, and the new attempt resumes from the last epoch checkpoint."""
