@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    from worker.main import ray_env, start_local_ray
+    from worker.main import ray_env, start_local_ray, stop_local_ray
 
     head = None
     if not os.environ.get("RAY_ADDRESS"):  # a Ray head of our own (ray.init() may find a stale cluster)
@@ -124,11 +124,7 @@ def main() -> None:
     finally:
         ray.shutdown()
         if head is not None:
-            head.terminate()
-            try:
-                head.wait(10)
-            except Exception:
-                os.killpg(head.pid, 9)
+            stop_local_ray(head, grace_s=10)
     report(args, rows)
 
 

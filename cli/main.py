@@ -42,6 +42,30 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def spec_fields(
+    *,
+    method: str,
+    ratio: list[str] | None,
+    eval_: str,
+    preset: str,
+    optimizer: str,
+    set_: list[str] | None,
+    seed: list[int] | None,
+) -> dict[str, Any]:
+    """The run-spec fields shared by ``inco run`` and ``inco submit``, from their options."""
+    if eval_ not in EVAL_CHOICES:
+        fail(f"--eval must be finetune, linear or both (got {eval_!r})")
+    return {
+        "method": method,
+        "ratios": ratio or ["1:16"],
+        "evals": EVAL_CHOICES[eval_],
+        "preset": preset,
+        "optimizer": optimizer,
+        "overrides": parse_overrides(set_ or []),
+        "seeds": seed or [0],
+    }
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``key.path=value`` pairs; values are JSON when they parse (numbers, true, null, lists)."""
     out: dict[str, Any] = {}
@@ -79,22 +103,11 @@ def run(
     data_path = data or settings.data
     if data_path is None:
         fail("no data set given: pass --data PATH (a folder of class sub-folders) or set INCO_DATA")
-    if eval_ not in EVAL_CHOICES:
-        fail(f"--eval must be finetune, linear or both (got {eval_!r})")
+    fields = spec_fields(
+        method=method, ratio=ratio, eval_=eval_, preset=preset, optimizer=optimizer, set_=set_, seed=seed
+    )
     try:
-        spec = load_spec(
-            {
-                "method": method,
-                "data": {"path": str(data_path)},
-                "ratios": ratio or ["1:16"],
-                "evals": EVAL_CHOICES[eval_],
-                "preset": preset,
-                "optimizer": optimizer,
-                "overrides": parse_overrides(set_ or []),
-                "seeds": seed or [0],
-                "resources": {"device": device},
-            }
-        )
+        spec = load_spec({**fields, "data": {"path": str(data_path)}, "resources": {"device": device}})
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_dir = out or settings.runs_dir / f"{stamp}-{method}-{uuid.uuid4().hex[:6]}"
         with RichReporter(err_console) as reporter:

@@ -153,19 +153,13 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a job to the service; prints its id on stdout (ID=$(inco submit ...))."""
-    from cli.main import EVAL_CHOICES, parse_overrides
+    from cli.main import spec_fields
 
-    if eval_ not in EVAL_CHOICES:
-        _fail(f"--eval must be finetune, linear or both (got {eval_!r})")
     spec = {
-        "method": method,
+        **spec_fields(
+            method=method, ratio=ratio, eval_=eval_, preset=preset, optimizer=optimizer, set_=set_, seed=seed
+        ),
         "data": {"dataset": dataset},
-        "ratios": ratio or ["1:16"],
-        "evals": EVAL_CHOICES[eval_],
-        "preset": preset,
-        "optimizer": optimizer,
-        "overrides": parse_overrides(set_ or []),
-        "seeds": seed or [0],
         "resources": {"device": device, "workers": workers, "gpus_per_worker": gpus_per_worker},
     }
     kind = kind or ("finetune" if pretrained else "experiment")

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def ray_env(home: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token_file.read_text().strip()}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -51,7 +53,7 @@ def start_local_ray(home: Path, *, num_cpus: int | None = None) -> tuple[subproc
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if ray_bin is None:
         raise ServiceUnavailable("the ray command is not installed: pip install 'ray[train,tune]'")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **ray_env(home), "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [
         ray_bin,
@@ -79,6 +81,17 @@ def start_local_ray(home: Path, *, num_cpus: int | None = None) -> tuple[subproc
         time.sleep(0.5)
     proc.terminate()
     raise ServiceUnavailable("the local Ray head did not start within 60 s")
+
+
+def stop_local_ray(proc: subprocess.Popen[bytes], *, grace_s: float = 5) -> None:
+    """Stop a head from :func:`start_local_ray`: SIGTERM, then after ``grace_s`` SIGKILL to its whole
+    process group (its GCS and raylet; a ``ray start --block`` takes about 35 s to exit on its own)."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def mark_failed_when_retries_run_out(job: Any, exc_type: Any, exc_value: Any, tb: Any) -> bool:
@@ -138,8 +151,4 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
     finally:
         if ray_proc is not None:
-            ray_proc.terminate()
-            try:
-                ray_proc.wait(30)
-            except subprocess.TimeoutExpired:
-                ray_proc.kill()
+            stop_local_ray(ray_proc, grace_s=30)

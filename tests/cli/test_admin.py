@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from server.store import access
 from server.store.db import make_engine, session_scope
+from worker.main import free_port
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -49,9 +49,7 @@ def test_token_create_and_revoke(tmp_path: Path) -> None:
 
 
 def test_serve_answers_health_and_migrates(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**_env(tmp_path), "INCO_REDIS_URL": "redis://127.0.0.1:6379/15"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "serve", "--port", str(port)],

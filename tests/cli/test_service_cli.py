@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+
+from worker.main import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -31,12 +32,6 @@ class Api:
     token: str
     home: Path
     db_url: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env() -> dict[str, str]:
@@ -76,7 +71,7 @@ def api(neu_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ap
     except redis.RedisError as exc:
         pytest.fail(f"Redis at {REDIS_URL} does not answer ({exc}); start redis-server")
     home = tmp_path_factory.mktemp("inco-home")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**_clean_env(), "INCO_HOME": str(home), "INCO_REDIS_URL": REDIS_URL, "INCO_DATA_ROOT": str(neu_path.parent)}
     log = home / "api.log"
@@ -345,6 +340,6 @@ def test_a_bad_token_is_refused(api: Api) -> None:
 
 
 def test_an_api_that_is_down_says_cannot_reach(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     line = _one_error_line(_run(("jobs",), {"INCO_HOME": str(tmp_path), "INCO_API_URL": url, "INCO_TOKEN": "x"}))
     assert f"cannot reach the InCo API at {url}: start it with `inco up` or set INCO_API_URL" in line

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +13,16 @@ import pytest
 from redis import Redis
 
 from cli.stack import _alive
+from worker.main import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 REDIS_E2E = os.environ.get("INCO_TEST_REDIS_E2E", "redis://127.0.0.1:6379/10")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_up_submit_wait_results_down(tmp_path: Path, neu_path: Path) -> None:
     Redis.from_url(REDIS_E2E).flushdb()
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INCO_", "RAY_"))}
     env.update(INCO_HOME=str(tmp_path / "home"), INCO_REDIS_URL=REDIS_E2E, INCO_DATA=str(neu_path), COLUMNS="200")
 

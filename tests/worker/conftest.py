@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from worker.main import ray_env, start_local_ray
+from worker.main import ray_env, start_local_ray, stop_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = {"spec": {"ratios": ["1:16"], "preset": "smoke", "resources": {"device": "cpu"}}}
@@ -22,9 +19,4 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     home = tmp_path_factory.mktemp("ray-home")
     proc, address = start_local_ray(home)
     yield {**ray_env(home), "RAY_ADDRESS": address}
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    stop_local_ray(proc)

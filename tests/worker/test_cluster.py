@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -20,19 +19,10 @@ from server.api.app import create_app
 from server.settings import Settings
 from tests.service_fixtures import auth, make_team
 from tests.worker.conftest import REPO, SMOKE
-from worker.main import ray_env, start_local_ray
+from worker.main import ray_env, start_local_ray, stop_local_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REDIS_CLUSTER = "redis://127.0.0.1:6379/7"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 @pytest.fixture
@@ -68,8 +58,8 @@ def two_node_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
         assert time.monotonic() < deadline, f"the second node did not join: {out.stderr[-2000:]}"
         time.sleep(1)
     yield cluster
-    _stop(node)
-    _stop(head)
+    stop_local_ray(node)  # a joined node stops the same way as the head
+    stop_local_ray(head)
 
 
 def test_a_two_worker_job_runs_across_two_nodes(

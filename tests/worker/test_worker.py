@@ -77,6 +77,13 @@ class Service:
     def get(self, path: str) -> list | dict:
         return self.client.get(path, headers=self.headers).json()
 
+    def wait_for_epochs(self, job_id: str, count: int, timeout_s: float = 120) -> None:
+        """Poll until ``count`` epochs of the job are stored (its training is under way)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.get(f"/v1/jobs/{job_id}/metrics")) < count:
+            assert time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+
     def wait(self, job_id: str, timeout_s: float = 180) -> tuple[dict, list[str]]:
         """Poll until the job ends; returns it and the statuses seen on the way."""
         seen: list[str] = []
@@ -172,10 +179,7 @@ def test_a_failing_job_ends_failed_with_its_error(service: Service, neu_path: Pa
 
 def test_cancel_stops_a_running_job_within_seconds(service: Service) -> None:
     job_id = service.submit({"spec": {**SMOKE["spec"], "overrides": {"pretrain.epochs": 500}}})
-    deadline = time.monotonic() + 120
-    while not service.get(f"/v1/jobs/{job_id}/metrics"):  # training is under way
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.2)
+    service.wait_for_epochs(job_id, 1)  # training is under way
     t0 = time.monotonic()
     r = service.client.post(f"/v1/jobs/{job_id}/cancel", headers=service.headers)
     assert r.status_code == 200 and r.json()["cancel_requested"] is True
@@ -244,10 +248,7 @@ def test_a_crashed_worker_group_restarts_from_the_last_checkpoint(service: Servi
     which resumes from the last epoch checkpoint; every epoch is stored once."""
     spec = {**SMOKE["spec"], "method": "simsiam", "overrides": {"pretrain.epochs": 20, "pretrain.max_images": 96}}
     job_id = service.submit({"spec": spec})
-    deadline = time.monotonic() + 120
-    while len(service.get(f"/v1/jobs/{job_id}/metrics")) < 2:
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.2)
+    service.wait_for_epochs(job_id, 2)
     victims = _train_workers()
     assert victims, "no Ray Train worker process found"
     for pid in victims:
@@ -271,10 +272,7 @@ def test_a_job_whose_worker_dies_runs_again_and_resumes(service: Service) -> Non
     its heartbeat has expired, and the new attempt resumes from the last epoch checkpoint."""
     spec = {**SMOKE["spec"], "method": "simsiam", "overrides": {"pretrain.epochs": 30, "pretrain.max_images": 128}}
     job_id = service.submit({"spec": spec})
-    deadline = time.monotonic() + 120
-    while len(service.get(f"/v1/jobs/{job_id}/metrics")) < 2:
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.2)
+    service.wait_for_epochs(job_id, 2)
     horse = descendants(service.worker.pid)
     assert horse, "no work horse under the worker"
     for pid in [service.worker.pid, *horse]:  # the machine goes down: worker and work horse
