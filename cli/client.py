@@ -137,8 +137,24 @@ class ApiClient:
             ) from None
 
     # -- jobs ----------------------------------------------------------------------------------------
-    def submit_job(self, *, kind: str, spec: dict[str, Any], pretrained_job: str | None = None) -> dict[str, Any]:
-        return self.request("POST", "/v1/jobs", body={"kind": kind, "spec": spec, "pretrained_job": pretrained_job})
+    def submit_job(
+        self,
+        *,
+        kind: str,
+        spec: dict[str, Any],
+        pretrained_job: str | None = None,
+        tune: dict[str, Any] | None = None,
+        from_tune: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"kind": kind, "spec": spec, "pretrained_job": pretrained_job}
+        if tune is not None:
+            body["tune"] = tune
+        if from_tune is not None:
+            body["from_tune"] = from_tune
+        return self.request("POST", "/v1/jobs", body=body)
+
+    def trials(self, job_id: str) -> list[dict[str, Any]]:
+        return self.request("GET", job_path(job_id, "/trials"))
 
     def list_jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/jobs", params={"status": status, "limit": limit, "offset": offset})

@@ -91,7 +91,15 @@ def results_table(result: dict[str, Any]) -> Table:
 
 
 # -- the service's jobs, results and data sets (``inco jobs``, ``inco wait``, ``inco results``, ...) ----
-STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "canceled": "magenta"}
+STATUS_STYLE = {
+    "completed": "bold green",
+    "stopped": "yellow",
+    "queued": "yellow",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "canceled": "magenta",
+}
 
 
 def when(value: str | None) -> str:
@@ -291,4 +299,34 @@ def datasets_table(datasets: list[dict[str, Any]]) -> Table:
     for d in datasets:
         classes = f"{len(d['classes'])}: {', '.join(d['classes'])}"
         table.add_row(d["name"], str(d["images"]), classes, d["path"], when(d["created_at"]))
+    return table
+
+
+def _param_text(params: dict[str, Any]) -> str:
+    short = {k.rsplit(".", 1)[-1]: v for k, v in sorted(params.items())}
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in short.items())
+
+
+def trials_table(trials: list[dict[str, Any]], *, title: str = "") -> Table:
+    """Trials of a tune job as the API ranks them (best first): validation accuracy, epochs, params."""
+    table = Table(title=title or None, title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("trial", justify="right")
+    table.add_column("status")
+    table.add_column("val acc %", justify="right")
+    table.add_column("epochs", justify="right")
+    table.add_column("parameters (pretrain.*)")
+    for rank, t in enumerate(trials, start=1):
+        score = "-" if t["score"] is None else f"{100 * t['score']:.2f}"
+        note = _param_text(t["params"])
+        if t.get("error"):
+            note += f"  [red]{t['error'][:120]}[/]"
+        table.add_row(
+            str(rank),
+            str(t["number"]),
+            styled_status(t["status"]),
+            score,
+            f"{t['epoch']}/{t['epochs']}",
+            note,
+        )
     return table

@@ -24,6 +24,7 @@ from cli.render import (
     job_results_table,
     leaderboard_tables,
     log_line,
+    trials_table,
 )
 
 FINISHED = ("succeeded", "failed", "canceled")
@@ -118,11 +119,21 @@ def _wait_and_report(api: ApiClient, job_id: str, timeout_s: float | None, as_js
             f"`inco wait {job_id}`, or stop it with `inco cancel {job_id}`",
             TIMEOUT_EXIT,
         )
-    results = api.job_results(job_id)
-    if as_json:
-        _print_json({"job": job, "results": results})
-    elif results:
-        Console().print(job_results_table(results))
+    if job["kind"] == "tune":
+        trials = api.trials(job_id)
+        if as_json:
+            _print_json({"job": job, "trials": trials})
+        elif trials:
+            Console().print(trials_table(trials, title=f"tune job {job_id}: trials, best first"))
+        if job["status"] == "succeeded" and not as_json:
+            _err().print(f"submit the best settings with `inco submit --from-tune {job_id} --ratio 1:N`")
+        results: list[dict[str, Any]] = trials
+    else:
+        results = api.job_results(job_id)
+        if as_json:
+            _print_json({"job": job, "results": results})
+        elif results:
+            Console().print(job_results_table(results))
     if job["status"] == "failed":
         _fail(f"job {job_id} failed: {job.get('error') or 'no error was recorded'} (see `inco logs {job_id}`)")
     if job["status"] == "canceled":
@@ -133,51 +144,187 @@ def _wait_and_report(api: ApiClient, job_id: str, timeout_s: float | None, as_js
 
 # -- commands ------------------------------------------------------------------------------------
 def submit(
-    method: Annotated[str, typer.Option(help="inco, simclr, mocov2, simsiam or supervised")] = "inco",
+    method: Annotated[
+        str | None, typer.Option(help="inco, simclr, mocov2, simsiam or supervised [default: inco]")
+    ] = None,
     ratio: Annotated[list[str] | None, typer.Option(help="label ratio 1:N; repeat for several")] = None,
     eval_: Annotated[str, typer.Option("--eval", help="finetune, linear or both")] = "finetune",
-    preset: Annotated[str, typer.Option(help="paper, cpu or smoke")] = "cpu",
-    dataset: Annotated[str, typer.Option(help="a data set registered with `inco datasets add`")] = "default",
+    preset: Annotated[str | None, typer.Option(help="paper, cpu or smoke [default: cpu]")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="a data set registered with `inco datasets add` [default: default]")
+    ] = None,
     seed: Annotated[list[int] | None, typer.Option(help="seed; repeat for several (mean and std)")] = None,
-    optimizer: Annotated[str, typer.Option(help="pretraining optimiser: default or paper-literal")] = "default",
+    optimizer: Annotated[
+        str | None, typer.Option(help="pretraining optimiser: default or paper-literal [default: default]")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set pretrain.epochs=10")] = None,
     kind: Annotated[
         str | None, typer.Option(help="experiment, pretrain or finetune; default finetune with --pretrained")
     ] = None,
     pretrained: Annotated[str | None, typer.Option(help="finetune: the pretrain job whose backbones to use")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    workers: Annotated[int, typer.Option(help="Ray Train workers")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(help="GPUs each worker asks for")] = 0,
+    from_tune: Annotated[
+        str | None,
+        typer.Option(
+            "--from-tune",
+            help="run the best trial of this tune job's search: its method, preset, data set and settings "
+            "unless given here",
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [default: auto]")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Ray Train workers [default: 1]")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(min=0, help="GPUs each worker asks for [default: 0]")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the job until it ends, like `inco wait`")] = False,
     timeout: Annotated[float | None, typer.Option(min=0, help="with --wait: give up after this many seconds")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a job to the service; prints its id on stdout (ID=$(inco submit ...))."""
-    from cli.main import spec_fields
-
-    spec = {
-        **spec_fields(
-            method=method, ratio=ratio, eval_=eval_, preset=preset, optimizer=optimizer, set_=set_, seed=seed
-        ),
-        "data": {"dataset": dataset},
-        "resources": {"device": device, "workers": workers, "gpus_per_worker": gpus_per_worker},
-    }
+    spec = _spec(
+        method=method,
+        ratio=ratio,
+        eval_=eval_,
+        preset=preset,
+        dataset=dataset,
+        seed=seed,
+        optimizer=optimizer,
+        set_=set_,
+        device=device,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        inherit=from_tune is not None,
+    )
+    if from_tune and (kind not in (None, "experiment") or pretrained):
+        _fail("--from-tune submits an experiment: leave out --kind and --pretrained")
     kind = kind or ("finetune" if pretrained else "experiment")
     with _api() as api:
-        job = api.submit_job(kind=kind, spec=spec, pretrained_job=pretrained)
-        if as_json and not wait:
-            _print_json(job)
-        elif not as_json:
-            sys.stdout.write(job["id"] + "\n")
-            sys.stdout.flush()
-        _err().print(
-            f"submitted {kind} job {job['id']} ({method}, {', '.join(spec['ratios'])}, {preset} preset)"
-            + ("" if wait else f": follow it with `inco wait {job['id']}`"),
-            highlight=False,
-            soft_wrap=True,
-        )
-        if wait:
-            _wait_and_report(api, job["id"], timeout, as_json)
+        job = api.submit_job(kind=kind, spec=spec, pretrained_job=pretrained, from_tune=from_tune)
+        _submitted(api, job, wait=wait, timeout=timeout, as_json=as_json)
+
+
+def _spec(
+    *,
+    method: str | None,
+    ratio: list[str] | None,
+    eval_: str,
+    preset: str | None,
+    dataset: str | None,
+    seed: list[int] | None,
+    optimizer: str | None,
+    set_: list[str] | None,
+    device: str | None,
+    workers: int | None,
+    gpus_per_worker: float | None,
+    inherit: bool = False,
+) -> dict[str, Any]:
+    """The run spec of the options. With ``inherit`` (``--from-tune``) the options left out are left
+    out of the spec too, so the service takes them from the tune job."""
+    from cli.main import spec_fields
+
+    spec = spec_fields(
+        method=method or "inco",
+        ratio=ratio,
+        eval_=eval_,
+        preset=preset or "cpu",
+        optimizer=optimizer or "default",
+        set_=set_,
+        seed=seed,
+    )
+    resources = {
+        k: v
+        for k, v in (("device", device), ("workers", workers), ("gpus_per_worker", gpus_per_worker))
+        if v is not None
+    }
+    if inherit:
+        for key, given in (("method", method), ("preset", preset), ("optimizer", optimizer)):
+            if given is None:
+                del spec[key]
+        if dataset is not None:
+            spec["data"] = {"dataset": dataset}
+        if resources:
+            spec["resources"] = resources
+        return spec
+    spec["data"] = {"dataset": dataset or "default"}
+    spec["resources"] = {"device": "auto", "workers": 1, "gpus_per_worker": 0, **resources}
+    return spec
+
+
+def _submitted(api: ApiClient, job: dict[str, Any], *, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Print a new job's id (or JSON) and a summary line; with ``wait``, follow it to the end."""
+    if as_json and not wait:
+        _print_json(job)
+    elif not as_json:
+        sys.stdout.write(job["id"] + "\n")
+        sys.stdout.flush()
+    spec = job["spec"]
+    what = f"{job['kind']} job {job['id']} ({spec['method']}, {', '.join(spec['ratios'])}, {spec['preset']} preset"
+    if job.get("tune"):
+        what += f", {job['tune']['trials']} trials"
+    if job.get("outputs", {}).get("from_tune"):
+        picked = job["outputs"]["from_tune"]
+        what += f", trial {picked['trial']} of tune job {picked['job']}"
+    _err().print(
+        f"submitted {what})" + ("" if wait else f": follow it with `inco wait {job['id']}`"),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if wait:
+        _wait_and_report(api, job["id"], timeout, as_json)
+
+
+def tune(
+    ratio: Annotated[str, typer.Option(help="the label ratio 1:N to tune for")] = "1:16",
+    trials: Annotated[int, typer.Option(min=1, max=500, help="points of the search space to try")] = 20,
+    method: Annotated[str, typer.Option(help="inco (all parameters), or simclr, mocov2, simsiam (lr only)")] = "inco",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="what to search: t1, t2, a_f, views, lr; repeat [default: all five for inco, lr otherwise]"),
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(min=1, help="trials at once [default: what the Ray cluster fits]")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.1, max=0.9, help="share of the labelled training images that scores trials")
+    ] = 0.5,
+    grace_epochs: Annotated[
+        int | None, typer.Option(min=1, help="ASHA: epochs before a trial may be stopped [default: epochs/4]")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="paper, cpu or smoke")] = "cpu",
+    dataset: Annotated[str, typer.Option(help="a data set registered with `inco datasets add`")] = "default",
+    seed: Annotated[int, typer.Option(help="seed of the labelled subset, the pretraining and the search")] = 0,
+    optimizer: Annotated[str, typer.Option(help="pretraining optimiser: default or paper-literal")] = "default",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override for every trial, e.g. pretrain.epochs=10")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers per trial")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs each worker asks for")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the search until it ends, then list the trials")] = False,
+    timeout: Annotated[float | None, typer.Option(min=0, help="with --wait: give up after this many seconds")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Search T1, T2, a_f, K and the learning rate with Ray Tune (ASHA + Optuna); trials are scored on
+    a validation split of the labelled training images, never on test images. Prints the job id."""
+    spec = _spec(
+        method=method,
+        ratio=[ratio],
+        eval_="linear",
+        preset=preset,
+        dataset=dataset,
+        seed=[seed],
+        optimizer=optimizer,
+        set_=set_,
+        device=device,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+    )
+    settings: dict[str, Any] = {"trials": trials, "val_fraction": val_fraction}
+    settings["params"] = param or (["t1", "t2", "a_f", "views", "lr"] if method == "inco" else ["lr"])
+    if max_concurrent is not None:
+        settings["max_concurrent"] = max_concurrent
+    if grace_epochs is not None:
+        settings["grace_epochs"] = grace_epochs
+    with _api() as api:
+        job = api.submit_job(kind="tune", spec=spec, tune=settings)
+        _submitted(api, job, wait=wait, timeout=timeout, as_json=as_json)
 
 
 def wait(
@@ -260,13 +407,19 @@ def results(
     eval_: Annotated[str | None, typer.Option("--eval", help="only finetune or linear")] = None,
     preset: Annotated[str | None, typer.Option(help="only paper, cpu or smoke")] = None,
     dataset: Annotated[str | None, typer.Option(help="only this data set")] = None,
+    tune_job: Annotated[
+        str | None, typer.Option("--tune", help="instead: the trials of this tune job, best first")
+    ] = None,
     format_: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
 ) -> None:
     """The leaderboard: mean ± std of test accuracy over seeds, per method and label ratio (Table 1).
 
-    json and csv give the raw rows, accuracy as a fraction."""
+    json and csv give the raw rows, accuracy as a fraction. With --tune JOB_ID: the search's trials."""
     if format_ not in ("table", "json", "csv"):
         _fail(f"--format must be table, json or csv (got {format_!r})")
+    if tune_job is not None:
+        _tune_results(tune_job, format_)
+        return
     with _api() as api:
         rows = api.leaderboard(method=method, ratio=ratio, eval=eval_, preset=preset, dataset=dataset)
     if format_ == "json":
@@ -281,6 +434,25 @@ def results(
         console = Console()
         for table in leaderboard_tables(rows):
             console.print(table)
+
+
+TRIAL_FIELDS = ("number", "status", "score", "epoch", "epochs", "params", "error")
+
+
+def _tune_results(job_id: str, format_: str) -> None:
+    with _api() as api:
+        rows = api.trials(job_id)
+    if format_ == "json":
+        _print_json(rows)
+    elif format_ == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(("rank", *TRIAL_FIELDS))
+        for rank, row in enumerate(rows, start=1):
+            writer.writerow((rank, *(json.dumps(row[f]) if f == "params" else row[f] for f in TRIAL_FIELDS)))
+    elif not rows:
+        _err().print(f"tune job {job_id} has no trials yet: `inco wait {job_id}` follows it")
+    else:
+        Console().print(trials_table(rows, title=f"tune job {job_id}: trials, best first"))
 
 
 datasets_app = typer.Typer(help="Data sets registered with the service; `inco datasets` lists them.")
@@ -316,6 +488,6 @@ def datasets_add(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (submit, jobs, status, wait, logs, cancel, results):
+    for command in (submit, tune, jobs, status, wait, logs, cancel, results):
         app.command()(command)
     app.add_typer(datasets_app, name="datasets")

@@ -135,6 +135,28 @@ class FolderBackboneStore:
         _link_or_copy(checkpoint, self.folder / f"{method}-{key}.pt")
 
 
+def load_split(spec: RunSpec, cfg: TrainingConfig, cache_dir: Path | None) -> tuple[ImageSet, Split]:
+    """The spec's images (decoded once into ``cache_dir/images``) and its train/test split."""
+    if not spec.data.path:
+        raise ConfigError("the run spec names no image folder: set data.path (inco run --data PATH)")
+    ds = load_images(spec.data.path, cfg.image_size, cache_dir=cache_dir / "images" if cache_dir else None)
+    split = stratified_split(
+        ds.labels, ds.file_hashes, ds.classes, train_fraction=spec.data.train_fraction, seed=spec.data.split_seed
+    )
+    return ds, split
+
+
+def pretrain_pool(train: Tensor, labelled: Tensor, cfg: TrainingConfig, seed: int) -> Tensor:
+    """The images a pretraining sees: every training image (or only the labelled ones), sampled down
+    to ``pretrain.max_images`` with ``seed``. Never a test image."""
+    pool = labelled if cfg.pretrain.images == "labelled" else train
+    cap = cfg.pretrain.max_images
+    if cap is not None and cap < len(pool):
+        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:cap]
+        pool = torch.sort(pool[pick]).values
+    return pool
+
+
 class Experiment:
     """Runs a :class:`RunSpec`. ``cache_dir`` holds decoded images and pretrained backbones for
     reuse across runs; ``run_dir`` receives checkpoints and ``result.json``."""
@@ -178,29 +200,10 @@ class Experiment:
 
     # -- data -------------------------------------------------------------------------------
     def load(self) -> tuple[ImageSet, Split]:
-        if not self.spec.data.path:
-            raise ConfigError("the run spec names no image folder: set data.path (inco run --data PATH)")
-        ds = load_images(
-            self.spec.data.path,
-            self.cfg.image_size,
-            cache_dir=self.cache_dir / "images" if self.cache_dir else None,
-        )
-        split = stratified_split(
-            ds.labels,
-            ds.file_hashes,
-            ds.classes,
-            train_fraction=self.spec.data.train_fraction,
-            seed=self.spec.data.split_seed,
-        )
-        return ds, split
+        return load_split(self.spec, self.cfg, self.cache_dir)
 
     def _pretrain_indices(self, split: Split, labelled: Tensor, seed: int) -> Tensor:
-        pool = labelled if self.cfg.pretrain.images == "labelled" else split.train
-        cap = self.cfg.pretrain.max_images
-        if cap is not None and cap < len(pool):
-            pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:cap]
-            pool = torch.sort(pool[pick]).values
-        return pool
+        return pretrain_pool(split.train, labelled, self.cfg, seed)
 
     # -- pretraining ------------------------------------------------------------------------
     def backbone_for(

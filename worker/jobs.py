@@ -43,7 +43,7 @@ def _finish(engine: Any, job_id: str, status: JobStatus, error: str | None = Non
 
 
 def _expected_rows(spec: RunSpec, kind: JobKind) -> int:
-    return 0 if kind == JobKind.pretrain else len(spec.seeds) * len(spec.ratios) * len(spec.evals)
+    return 0 if kind in (JobKind.pretrain, JobKind.tune) else len(spec.seeds) * len(spec.ratios) * len(spec.evals)
 
 
 def check_resources(spec: RunSpec, cpus_per_worker: int) -> int:
@@ -152,14 +152,21 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
                     f"restart {n}/{settings.train_restarts} from the last checkpoint",
                 )
 
-        fit(
-            config,
-            spec,
-            storage_path=settings.artifact_dir / "ray",
-            cpus_per_worker=cpus,
-            restarts=settings.train_restarts,
-            on_restart=restarting,
-        )
+        if kind == JobKind.tune:
+            from inco_core.search import TuneSettings
+            from worker.tuning import search
+
+            tune = TuneSettings.model_validate(snapshot.tune or {})
+            search(config, spec, tune, storage_path=settings.artifact_dir / "ray", cpus_per_worker=cpus)
+        else:
+            fit(
+                config,
+                spec,
+                storage_path=settings.artifact_dir / "ray",
+                cpus_per_worker=cpus,
+                restarts=settings.train_restarts,
+                on_restart=restarting,
+            )
     except Canceled:
         _finish(engine, job_id, JobStatus.canceled, "canceled while running")
         return "canceled"

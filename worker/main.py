@@ -62,7 +62,12 @@ def start_local_ray(home: Path, *, num_cpus: int | None = None) -> tuple[subproc
         "--block",
         f"--port={port}",
         "--node-ip-address=127.0.0.1",
-        "--include-dashboard=false",
+        # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
+        # free the CPUs/GPUs of a trial that Ray Tune stopped early (ASHA); it listens on loopback
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
         "--disable-usage-stats",
         f"--num-cpus={num_cpus or os.cpu_count() or 1}",
     ]

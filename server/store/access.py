@@ -31,6 +31,8 @@ from server.store.models import (
     Metric,
     Result,
     Team,
+    TrialStatus,
+    TuneTrial,
     utcnow,
 )
 
@@ -108,7 +110,13 @@ def list_datasets(session: Session, *, team_id: int) -> list[Dataset]:
 
 # -- jobs ---------------------------------------------------------------------------------------
 def create_job(session: Session, *, team_id: int, request: JobCreate, spec: dict[str, Any]) -> Job:
-    job = Job(team_id=team_id, kind=request.kind, spec=spec, pretrained_job=request.pretrained_job)
+    job = Job(
+        team_id=team_id,
+        kind=request.kind,
+        spec=spec,
+        pretrained_job=request.pretrained_job,
+        tune=request.tune.model_dump(mode="json") if request.tune is not None else None,
+    )
     session.add(job)
     session.flush()
     add_log(session, job_id=job.id, message=f"queued: {request.kind} of {request.spec.method}")
@@ -373,6 +381,74 @@ def leaderboard(rows: list[Result]) -> list[LeaderboardRow]:
         )
     out.sort(key=lambda r: (r.dataset, r.preset, r.setup, r.eval, r.variant, int(r.ratio.split(":")[1])))
     return out
+
+
+# -- tune trials --------------------------------------------------------------------------------
+_TRIAL_ORDER = {TrialStatus.completed: 0, TrialStatus.stopped: 1, TrialStatus.running: 2, TrialStatus.failed: 3}
+
+
+def save_trial(
+    session: Session,
+    *,
+    job_id: str,
+    number: int,
+    trial_id: str,
+    params: dict[str, Any],
+    epochs: int,
+    status: TrialStatus | None = None,
+    score: float | None = None,
+    epoch: int | None = None,
+    error: str | None = None,
+) -> TuneTrial:
+    """Create or update trial ``number`` of a tune job (the search reports a trial many times)."""
+    row = session.exec(select(TuneTrial).where(TuneTrial.job_id == job_id, TuneTrial.number == number)).first()
+    if row is None:
+        row = TuneTrial(job_id=job_id, number=number, trial_id=trial_id, params=params, epochs=epochs)
+    row.trial_id, row.params, row.epochs, row.updated_at = trial_id, params, epochs, utcnow()
+    if status is not None:
+        row.status = status
+    if score is not None and math.isfinite(score):
+        row.score = float(score)
+    if epoch is not None:
+        row.epoch = epoch
+    if error is not None:
+        row.error = error[:10_000]
+    session.add(row)
+    job = session.get(Job, job_id)
+    if job is not None:
+        job.heartbeat_at = utcnow()
+        session.add(job)
+    return row
+
+
+def rank_trials(trials: list[TuneTrial]) -> list[TuneTrial]:
+    """Best first: trials that ran every epoch by score, then those ASHA stopped, running, failed."""
+    return sorted(
+        trials,
+        key=lambda t: (
+            _TRIAL_ORDER[TrialStatus(t.status)],
+            -(t.score if t.score is not None else -1.0),
+            t.number,
+        ),
+    )
+
+
+def list_trials(session: Session, *, job_id: str) -> list[TuneTrial]:
+    return rank_trials(list(session.exec(select(TuneTrial).where(TuneTrial.job_id == job_id)).all()))
+
+
+def best_trial(session: Session, *, job_id: str) -> TuneTrial | None:
+    """The completed trial with the highest validation score, or None."""
+    ranked = list_trials(session, job_id=job_id)
+    return ranked[0] if ranked and ranked[0].status == TrialStatus.completed else None
+
+
+def clear_trials(session: Session, *, job_id: str) -> int:
+    """Forget a tune job's trials (a re-run after its worker died searches again)."""
+    rows = session.exec(select(TuneTrial).where(TuneTrial.job_id == job_id)).all()
+    for row in rows:
+        session.delete(row)
+    return len(rows)
 
 
 # -- artifacts ----------------------------------------------------------------------------------

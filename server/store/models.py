@@ -1,7 +1,8 @@
 """Every SQL table of the store, and the API models built on them, in one module.
 
 Tables: teams, api_tokens, datasets, jobs, metrics (one row per epoch of a stage), results (one row
-per ratio x evaluation x seed), artifacts (checkpoints in the artifact store) and job_logs. Naming
+per ratio x evaluation x seed), tune_trials (one row per trial of a tune job), artifacts (checkpoints
+in the artifact store) and job_logs. Naming
 follows the role: ``JobBase`` (shared fields), ``JobCreate`` (request body), ``Job`` (table),
 ``JobPublic`` (response). Times are UTC.
 """
@@ -19,6 +20,8 @@ from sqlalchemy import JSON, Column, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from inco_core.config import RunSpec
+from inco_core.errors import ConfigError
+from inco_core.search import TuneSettings, check_tune_spec
 
 
 def utcnow() -> datetime:
@@ -45,6 +48,7 @@ class JobKind(StrEnum):
     experiment = "experiment"  # pretrain (or reuse a backbone), then evaluate at every ratio
     pretrain = "pretrain"  # pretrain only; its backbones become artifacts
     finetune = "finetune"  # evaluate a pretrain job's backbones, or train a supervised model from scratch
+    tune = "tune"  # Ray Tune search of T1, T2, a_f, K and the learning rate, scored on a validation split
 
 
 # -- teams and tokens ---------------------------------------------------------------------------
@@ -117,9 +121,27 @@ class JobCreate(BaseModel):
     pretrained_job: str | None = PydField(
         None, max_length=32, description="finetune jobs: id of a pretrain job of the same team"
     )
+    tune: TuneSettings | None = PydField(None, description="tune jobs: how to search (trials, parameters, ...)")
+    from_tune: str | None = PydField(
+        None,
+        max_length=32,
+        description="experiment jobs: id of a finished tune job whose best trial's settings to use; method, "
+        "preset, data set and optimiser default to the tune job's, and spec.overrides win over the trial's",
+    )
 
     @model_validator(mode="after")
     def _kind_fits(self) -> JobCreate:
+        if self.kind == JobKind.tune:
+            if self.tune is None:
+                self.tune = TuneSettings()
+            try:
+                check_tune_spec(self.spec, self.tune)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        elif self.tune is not None:
+            raise ValueError("tune settings are only for kind 'tune'")
+        if self.from_tune and self.kind != JobKind.experiment:
+            raise ValueError("from_tune is only for kind 'experiment'")
         if self.spec.data.path is not None:
             raise ValueError(
                 "spec.data.path is not accepted by the API: register the folder with POST /v1/datasets "
@@ -155,6 +177,7 @@ class Job(JobBase, table=True):
     outputs: dict[str, Any] = Field(
         default_factory=dict, sa_column=Column(JSON, nullable=False), description="e.g. the backbones it made or used"
     )
+    tune: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class JobPublic(JobBase):
@@ -171,6 +194,7 @@ class JobPublic(JobBase):
     worker: str | None
     cancel_requested: bool
     outputs: dict[str, Any]
+    tune: dict[str, Any] | None = None
     results: int = 0
 
 
@@ -279,6 +303,44 @@ class LeaderboardRow(BaseModel):
     std: float
     count: int
     seeds: list[int]
+
+
+class TrialStatus(StrEnum):
+    running = "running"
+    completed = "completed"  # ran every epoch
+    stopped = "stopped"  # stopped early by ASHA: its score was below the rung's cutoff
+    failed = "failed"
+
+
+class TuneTrial(SQLModel, table=True):
+    """One trial of a tune job: the point it tried, its latest validation score and how it ended."""
+
+    __tablename__ = "tune_trials"
+    __table_args__ = (UniqueConstraint("job_id", "number"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=32)
+    number: int = Field(description="1, 2, ... in the order the search proposed them")
+    trial_id: str = Field(max_length=64)
+    params: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False), description="the run-spec overrides tried")
+    status: TrialStatus = Field(default=TrialStatus.running, sa_type=String(16))
+    score: float | None = Field(default=None, description="validation accuracy (0..1) at the last scored epoch")
+    epoch: int = Field(default=0, description="last scored pretraining epoch")
+    epochs: int = Field(description="pretraining epochs a full trial runs")
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class TrialPublic(SQLModel):
+    number: int
+    params: dict[str, Any]
+    status: TrialStatus
+    score: float | None
+    epoch: int
+    epochs: int
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
 
 
 class Artifact(SQLModel, table=True):

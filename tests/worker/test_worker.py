@@ -4,133 +4,28 @@ real NEU-CLS images; jobs are submitted through the API."""
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
-from redis import Redis
 
 from cli.stack import descendants
-from server.api.app import create_app
-from server.settings import Settings
 from server.store import access
-from server.store.db import make_engine, migrate, session_scope
-from tests.service_fixtures import auth, make_team
-from tests.worker.conftest import REPO, SMOKE
+from server.store.db import make_engine, session_scope
+from tests.worker.conftest import SMOKE
+from tests.worker.harness import Service, running_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REDIS_WORKER = os.environ.get("INCO_TEST_REDIS_WORKER", "redis://127.0.0.1:6379/11")
 
 
-@dataclass
-class Service:
-    settings: Settings
-    client: TestClient
-    token: str
-    worker_log: Path
-    env: dict[str, str]
-    worker: subprocess.Popen[bytes] | None = None
-
-    def start_worker(self) -> None:
-        with open(self.worker_log, "ab") as out:
-            self.worker = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "worker"],
-                cwd=REPO,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def stop_worker(self) -> None:
-        if self.worker is None:
-            return
-        os.killpg(self.worker.pid, signal.SIGTERM)
-        time.sleep(1)
-        os.killpg(self.worker.pid, signal.SIGTERM)
-        try:
-            self.worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-            self.worker.wait(10)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return auth(self.token)
-
-    def submit(self, body: dict) -> str:
-        r = self.client.post("/v1/jobs", json=body, headers=self.headers)
-        assert r.status_code == 201, r.text
-        return r.json()["id"]
-
-    def job(self, job_id: str) -> dict:
-        return self.client.get(f"/v1/jobs/{job_id}", headers=self.headers).json()
-
-    def get(self, path: str) -> list | dict:
-        return self.client.get(path, headers=self.headers).json()
-
-    def wait_for_epochs(self, job_id: str, count: int, timeout_s: float = 120) -> None:
-        """Poll until ``count`` epochs of the job are stored (its training is under way)."""
-        deadline = time.monotonic() + timeout_s
-        while len(self.get(f"/v1/jobs/{job_id}/metrics")) < count:
-            assert time.monotonic() < deadline, "the job did not start training"
-            time.sleep(0.2)
-
-    def wait(self, job_id: str, timeout_s: float = 180) -> tuple[dict, list[str]]:
-        """Poll until the job ends; returns it and the statuses seen on the way."""
-        seen: list[str] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if not seen or seen[-1] != job["status"]:
-                seen.append(job["status"])
-            if job["status"] in ("succeeded", "failed", "canceled"):
-                return job, seen
-            time.sleep(0.2)
-        raise AssertionError(
-            f"job {job_id} still {seen[-1]} after {timeout_s} s; worker log:\n" + self.worker_log.read_text()[-3000:]
-        )
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, neu_path: Path, local_ray: dict[str, str]) -> Iterator[Service]:
-    home = tmp_path_factory.mktemp("service-home")
-    settings = Settings(
-        home=home,
-        database_url=f"sqlite:///{home / 'inco.db'}",
-        redis_url=REDIS_WORKER,
-        data_root=neu_path.parent,
-        queue=f"inco-test-{secrets.token_hex(3)}",
-    )
-    Redis.from_url(REDIS_WORKER).flushdb()
-    engine = make_engine(settings.db_url)
-    migrate(engine)
-    token = make_team(engine, "alpha")
-    env = {
-        **os.environ,
-        **local_ray,
-        "INCO_HOME": str(home),
-        "INCO_DATABASE_URL": settings.db_url,
-        "INCO_REDIS_URL": REDIS_WORKER,
-        "INCO_QUEUE": settings.queue,
-        "INCO_CPUS_PER_WORKER": "2",
-    }
-    with TestClient(create_app(settings)) as client:
-        svc = Service(settings, client, token, home / "worker.log", env)
-        svc.start_worker()
-        r = client.post("/v1/datasets", json={"name": "default", "path": neu_path.name}, headers=svc.headers)
-        assert r.status_code == 201, r.text
+    with running_service(tmp_path_factory.mktemp("service-home"), neu_path, local_ray, redis_url=REDIS_WORKER) as svc:
         yield svc
-        svc.stop_worker()
-    engine.dispose()
 
 
 def test_experiments_run_and_reuse_the_backbone(service: Service) -> None:

@@ -6,14 +6,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
 
+from inco_core.config import load_spec
 from inco_core.errors import ConfigError
 from server import queue
 from server.api.deps import RedisDep, SessionDep, SettingsDep, TeamDep
-from server.errors import NotFound, StoreUnavailable
+from server.errors import Conflict, NotFound, StoreUnavailable
 from server.store import access
 from server.store.db import session_scope
 from server.store.models import (
+    Job,
     JobCreate,
     JobKind,
     JobLogPublic,
@@ -21,6 +24,7 @@ from server.store.models import (
     JobStatus,
     MetricPublic,
     ResultPublic,
+    TrialPublic,
 )
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -33,6 +37,9 @@ def submit_job(
 ) -> JobPublic:
     """Validate a job, store it ``queued`` and put its id on the queue. If Redis is down the answer is
     503 and nothing is stored."""
+    from_tune: dict[str, object] | None = None
+    if body.from_tune:
+        body, from_tune = _apply_tune(session, team_id=team.id, body=body)
     name = body.spec.data.dataset or DEFAULT_DATASET
     try:
         dataset = access.get_dataset(session, team_id=team.id, name=name)
@@ -63,6 +70,14 @@ def submit_job(
     )
     queue.ping(redis)
     job = access.create_job(session, team_id=team.id, request=body, spec=spec.model_dump(mode="json"))
+    if from_tune is not None:
+        job.outputs = {"from_tune": from_tune}
+        access.add_log(
+            session,
+            job_id=job.id,
+            message=f"settings of tune job {from_tune['job']}, trial {from_tune['trial']} "
+            f"(validation accuracy {from_tune['score']:.4f}): {from_tune['params']}",
+        )
     try:
         session.commit()
     except SQLAlchemyError as exc:
@@ -81,6 +96,41 @@ def submit_job(
             access.delete_job(s, job_id=job.id)
         raise
     return access.job_public(session, job)
+
+
+def _apply_tune(session: Session, *, team_id: int, body: JobCreate) -> tuple[JobCreate, dict[str, object]]:
+    """An experiment with the best trial of a finished tune job: the trial's overrides, under the
+    request's own; method, preset, optimiser, data set and resources default to the tune job's."""
+    assert body.from_tune is not None
+    try:
+        source = access.get_job(session, job_id=body.from_tune, team_id=team_id)
+    except NotFound:
+        raise ConfigError(f"from_tune: no job {body.from_tune!r} in your team (inco jobs lists them)") from None
+    if source.kind != JobKind.tune:
+        raise ConfigError(f"from_tune: job {source.id} is a {source.kind} job, not a tune job")
+    if source.status != JobStatus.succeeded:
+        raise Conflict(
+            f"tune job {source.id} is {source.status}; submit from it once it has succeeded (inco wait {source.id})"
+        )
+    best = access.best_trial(session, job_id=source.id)
+    if best is None:
+        raise Conflict(f"tune job {source.id} has no trial that ran to the end; run a new search with more trials")
+    given = body.spec.model_fields_set
+    merged = body.spec.model_dump(mode="json")
+    for field in ("method", "preset", "optimizer", "resources"):
+        if field not in given:
+            merged[field] = source.spec[field]
+    if body.spec.data.dataset is None:
+        merged["data"]["dataset"] = source.spec["data"].get("dataset")
+    merged["overrides"] = {**source.spec.get("overrides", {}), **best.params, **body.spec.overrides}
+    spec = load_spec(merged)
+    if spec.method != source.spec["method"]:
+        raise ConfigError(
+            f"from_tune: tune job {source.id} tuned {source.spec['method']!r}, not {spec.method!r}; "
+            "leave the method out to use the tune job's"
+        )
+    picked = {"job": source.id, "trial": best.number, "score": best.score, "params": best.params}
+    return body.model_copy(update={"spec": spec}), picked
 
 
 @router.get("", response_model=list[JobPublic])
@@ -129,6 +179,16 @@ def job_results(job_id: str, team: TeamDep, session: SessionDep) -> list[ResultP
     access.get_job(session, job_id=job_id, team_id=team.id)
     rows = access.list_results(session, team_id=team.id, job_id=job_id)
     return [ResultPublic.model_validate(r, from_attributes=True) for r in rows]
+
+
+@router.get("/{job_id}/trials", response_model=list[TrialPublic])
+def job_trials(job_id: str, team: TeamDep, session: SessionDep) -> list[TrialPublic]:
+    """The trials of a tune job, best first: trials that ran every epoch by validation accuracy,
+    then trials ASHA stopped early, running trials and failed ones."""
+    job: Job = access.get_job(session, job_id=job_id, team_id=team.id)
+    if job.kind != JobKind.tune:
+        raise NotFound(f"job {job.id} is a {job.kind} job; trials belong to tune jobs (inco tune)")
+    return [TrialPublic.model_validate(t, from_attributes=True) for t in access.list_trials(session, job_id=job.id)]
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
