@@ -123,6 +123,7 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
     run_dir = settings.artifact_dir / "runs" / job_id
     config = {
         "job_id": job_id,
+        "attempt": snapshot.attempts,
         "team_id": snapshot.team_id,
         "kind": kind.value,
         "spec": spec.model_dump(mode="json"),

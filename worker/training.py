@@ -113,6 +113,16 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def scaling_config(spec: RunSpec, cpus_per_worker: int) -> ScalingConfig:
+    """``resources.workers`` Ray Train workers of ``cpus_per_worker`` CPUs (and their GPUs)."""
+    res = spec.resources
+    use_gpu = res.gpus_per_worker > 0 or res.device == "cuda"
+    per_worker: dict[str, float] = {"CPU": cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker or 1
+    return ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+
+
 def fit(
     config: dict[str, Any],
     spec: RunSpec,
@@ -130,16 +140,11 @@ def fit(
     running it again would end the same way. Ray's own ``FailureConfig`` would retry those too, so
     the restarts are counted here, with ``max_failures=0`` for each group.
     """
-    res = spec.resources
-    use_gpu = res.gpus_per_worker > 0 or res.device == "cuda"
-    per_worker: dict[str, float] = {"CPU": cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker or 1
     for attempt in range(restarts + 1):
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+            scaling_config=scaling_config(spec, cpus_per_worker),
             run_config=RunConfig(
                 name=f"job-{config['job_id']}-group{attempt}",  # stable per job: a re-run finds its folders
                 storage_path=str(storage_path),

@@ -24,7 +24,7 @@ from typing import Any
 import ray
 import ray.train
 import ray.tune
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
@@ -39,7 +39,7 @@ from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import TrialStatus
 from worker.reporting import StoreReporter, with_retries
-from worker.training import root_cause
+from worker.training import root_cause, scaling_config
 
 STOPPER_POLL_S = 1.0
 
@@ -88,11 +88,6 @@ def trial_driver(point: dict[str, Any], base: dict[str, Any]) -> None:
     """One trial (a Ray Tune function): the point's run spec trained by its own TorchTrainer."""
     number = int(point[NUMBER])
     spec = trial_spec(RunSpec.model_validate(base["spec"]), point_of(point))
-    res = spec.resources
-    use_gpu = res.gpus_per_worker > 0 or res.device == "cuda"
-    per_worker: dict[str, float] = {"CPU": base["cpus_per_worker"]}
-    if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker or 1
     config = {
         **base,
         "spec": spec.model_dump(mode="json"),
@@ -102,9 +97,9 @@ def trial_driver(point: dict[str, Any], base: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         trial_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=scaling_config(spec, base["cpus_per_worker"]),
         run_config=RunConfig(
-            name=f"job-{base['job_id']}-trial-{number}",
+            name=f"job-{base['job_id']}-attempt{base.get('attempt', 1)}-trial-{number}",  # new folders per attempt
             storage_path=base["storage_path"],
             callbacks=[TuneReportCallback()],
             failure_config=FailureConfig(max_failures=0),
@@ -306,7 +301,7 @@ def search(
             search_alg=searcher,
         ),
         run_config=ray.tune.RunConfig(
-            name=f"job-{job_id}-tune",
+            name=f"job-{job_id}-tune-attempt{config.get('attempt', 1)}",
             storage_path=str(storage_path),
             callbacks=[StoreTrials(config["database_url"], job_id=job_id, epochs=epochs)],
             stop=stopper,

@@ -303,6 +303,58 @@ def test_wait_and_status_on_a_succeeded_job(api: Api, finished_job: str) -> None
     assert latest["epoch"] == 2 and latest["values"]["loss"] == 1.25
 
 
+# -- tune -------------------------------------------------------------------------------------------
+def test_tune_submits_a_search_and_lists_its_trials_best_first(api: Api) -> None:
+    from server.store import access
+    from server.store.db import make_engine, session_scope
+
+    proc = _inco(api, "tune", "--ratio", "1:16", "--trials", "3", "--preset", "smoke", "--param", "a_f", "--json")
+    assert proc.returncode == 0, proc.stderr
+    job = json.loads(proc.stdout)
+    assert job["kind"] == "tune" and job["tune"]["trials"] == 3 and job["tune"]["params"] == ["a_f"]
+    assert job["spec"]["ratios"] == ["1:16"] and job["spec"]["preset"] == "smoke"
+    assert "submitted tune job" in proc.stderr and "3 trials" in proc.stderr
+    assert "has no trials yet" in _inco(api, "results", "--tune", job["id"]).stderr
+
+    engine = make_engine(api.db_url)
+    try:
+        with session_scope(engine) as s:
+            for number, status, score, epoch in (
+                (1, "completed", 0.5, 1),
+                (2, "completed", 0.75, 1),
+                (3, "failed", None, 0),
+            ):
+                access.save_trial(
+                    s,
+                    job_id=job["id"],
+                    number=number,
+                    trial_id=f"t{number}",
+                    params={"pretrain.inco.a_f": 0.1 * number},
+                    epochs=1,
+                    status=status,
+                    score=score,
+                    epoch=epoch,
+                    error="TrainingDiverged: loss nan" if status == "failed" else None,
+                )
+    finally:
+        engine.dispose()
+    table = _inco(api, "results", "--tune", job["id"])
+    assert table.returncode == 0, table.stderr
+    lines = [ln for ln in table.stdout.splitlines() if "completed" in ln or "failed" in ln]
+    assert "75.00" in lines[0] and "a_f=0.2" in lines[0] and "50.00" in lines[1]
+    assert "failed" in lines[2] and "TrainingDiverged" in table.stdout
+    rows = list(csv.DictReader(io.StringIO(_inco(api, "results", "--tune", job["id"], "--format", "csv").stdout)))
+    assert [r["number"] for r in rows] == ["2", "1", "3"] and rows[0]["rank"] == "1"
+    assert json.loads(rows[0]["params"]) == {"pretrain.inco.a_f": 0.2}
+    assert [t["number"] for t in json.loads(_inco(api, "results", "--tune", job["id"], "--format", "json").stdout)] == [
+        2,
+        1,
+        3,
+    ]
+    # the search has not finished: its best trial cannot be submitted yet
+    assert f"inco wait {job['id']}" in _one_error_line(_inco(api, "submit", "--from-tune", job["id"]))
+
+
 # -- finding the API, and errors ---------------------------------------------------------------------
 def test_the_local_stack_file_gives_url_and_token(api: Api, tmp_path: Path) -> None:
     (tmp_path / "stack.json").write_text(json.dumps({"api_url": api.url, "token": api.token, "pids": {}}))
@@ -322,6 +374,11 @@ def test_the_local_stack_file_gives_url_and_token(api: Api, tmp_path: Path) -> N
         (("status", "f" * 32), f"no job {'f' * 32!r}"),
         (("wait", "../datasets"), "no job '../datasets'"),
         (("results", "--ratio", "1:x"), "ratio"),
+        (("tune", "--method", "simclr", "--param", "a_f"), "a_f are InCo's parameters"),
+        (("tune", "--param", "tau"), "tune.params.0: must be one of"),
+        (("submit", "--from-tune", "0" * 32), f"from_tune: no job {'0' * 32!r} in your team"),
+        (("submit", "--from-tune", "x", "--kind", "pretrain"), "--from-tune submits an experiment"),
+        (("results", "--tune", "0" * 32), f"no job {'0' * 32!r}"),
     ],
 )
 def test_bad_input_is_one_clear_line(api: Api, args: tuple[str, ...], message: str) -> None:

@@ -59,6 +59,7 @@ def test_every_v1_route_needs_a_valid_token(client: TestClient, tokens: dict[str
         ("get", "/v1/jobs/x/logs"),
         ("get", "/v1/jobs/x/results"),
         ("post", "/v1/jobs/x/cancel"),
+        ("get", "/v1/jobs/x/trials"),
         ("get", "/v1/results"),
         ("get", "/v1/datasets"),
         ("post", "/v1/datasets"),
@@ -132,6 +133,21 @@ def test_a_team_sees_only_its_own_things(client: TestClient, tokens: dict[str, s
         ({"kind": "finetune", "spec": {}}, "a finetune job needs pretrained_job"),
         ({"kind": "pretrain", "spec": {"method": "supervised"}}, "method 'supervised' has no pretraining"),
         ({"kind": "banana", "spec": {}}, "kind: "),
+        ({"kind": "tune", "spec": {"ratios": ["1:16", "1:8"]}}, "a tune job searches for one ratio"),
+        ({"kind": "tune", "spec": {"seeds": [0, 1]}}, "a tune job uses one seed"),
+        ({"kind": "tune", "spec": {"method": "supervised"}}, "has no pretraining to tune"),
+        ({"kind": "tune", "spec": {"method": "simclr"}}, "a_f, t1, t2, views are InCo's parameters"),
+        ({"kind": "tune", "spec": {}, "tune": {"trials": 0}}, "tune.trials: Input should be greater than or equal"),
+        ({"kind": "tune", "spec": {}, "tune": {"params": ["tau"]}}, "tune.params.0: must be one of"),
+        ({"kind": "tune", "spec": {}, "tune": {"params": ["lr", "lr"]}}, "list has repeated entries"),
+        ({"kind": "tune", "spec": {}, "tune": {"val_fraction": 1.0}}, "tune.val_fraction"),
+        (
+            {"kind": "tune", "spec": {"preset": "smoke"}, "tune": {"grace_epochs": 5}},
+            "but the pretraining has 1 epochs",
+        ),
+        ({"spec": {}, "tune": {"trials": 4}}, "tune settings are only for kind 'tune'"),
+        ({"kind": "pretrain", "spec": {}, "from_tune": "abc"}, "from_tune is only for kind 'experiment'"),
+        ({"spec": {}, "from_tune": "abc"}, "from_tune: no job 'abc' in your team"),
         ({}, "spec: field required"),
     ],
 )
@@ -226,12 +242,113 @@ def test_openapi_describes_every_route_and_model(client: TestClient) -> None:
         "/v1/jobs/{job_id}/logs",
         "/v1/jobs/{job_id}/results",
         "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/trials",
         "/v1/results",
         "/v1/datasets",
         "/healthz",
         "/readyz",
     ):
         assert path in paths, path
-    for model in ("JobCreate", "JobPublic", "RunSpec", "LeaderboardRow", "DatasetCreate", "MetricPublic"):
+    for model in (
+        "JobCreate",
+        "JobPublic",
+        "RunSpec",
+        "LeaderboardRow",
+        "DatasetCreate",
+        "MetricPublic",
+        "TuneSettings",
+        "TrialPublic",
+    ):
         assert model in doc["components"]["schemas"], model
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
+
+
+def test_tune_jobs_list_their_trials_best_first_to_their_team_only(client: TestClient, tokens: dict[str, str]) -> None:
+    job = _submit(client, tokens["alpha"], {"kind": "tune", "spec": {"preset": "smoke"}, "tune": {"trials": 5}})
+    assert (
+        job["kind"] == "tune"
+        and job["tune"]["trials"] == 5
+        and job["tune"]["params"]
+        == [
+            "t1",
+            "t2",
+            "a_f",
+            "views",
+            "lr",
+        ]
+    )
+    rows = [
+        (1, "stopped", 0.9, 1),
+        (2, "completed", 0.5, 4),
+        (3, "failed", None, 0),
+        (4, "completed", 0.7, 4),
+        (5, "running", 0.8, 2),
+    ]
+    with session_scope(client.app.state.engine) as s:
+        for number, status, score, epoch in rows:
+            access.save_trial(
+                s,
+                job_id=job["id"],
+                number=number,
+                trial_id=f"t{number}",
+                params={"pretrain.inco.views": number + 1},
+                epochs=4,
+                status=status,
+                score=score,
+                epoch=epoch,
+                error="boom" if status == "failed" else None,
+            )
+    r = client.get(f"/v1/jobs/{job['id']}/trials", headers=auth(tokens["alpha"]))
+    assert r.status_code == 200, r.text
+    assert [t["number"] for t in r.json()] == [4, 2, 1, 5, 3]
+    assert r.json()[-1]["error"] == "boom" and r.json()[0]["params"] == {"pretrain.inco.views": 5}
+    r = client.get(f"/v1/jobs/{job['id']}/trials", headers=auth(tokens["beta"]))
+    assert r.status_code == 404
+    # an experiment from a tune job that has not finished is refused, and nothing is stored
+    r = client.post("/v1/jobs", json={"from_tune": job["id"], "spec": {}}, headers=auth(tokens["alpha"]))
+    assert r.status_code == 409 and f"inco wait {job['id']}" in r.json()["detail"]
+    r = client.post("/v1/jobs", json={"from_tune": job["id"], "spec": {}}, headers=auth(tokens["beta"]))
+    assert r.status_code == 422 and "no job" in r.json()["detail"]
+    assert len(client.get("/v1/jobs", headers=auth(tokens["alpha"])).json()) == 1
+
+
+def test_from_tune_takes_the_best_completed_trial(client: TestClient, tokens: dict[str, str]) -> None:
+    tune = _submit(
+        client,
+        tokens["alpha"],
+        {
+            "kind": "tune",
+            "spec": {"preset": "smoke", "overrides": {"pretrain.epochs": 3}, "resources": {"device": "cpu"}},
+        },
+    )
+    with session_scope(client.app.state.engine) as s:
+        for number, score in ((1, 0.4), (2, 0.6)):
+            access.save_trial(
+                s,
+                job_id=tune["id"],
+                number=number,
+                trial_id=f"t{number}",
+                params={"pretrain.inco.views": 2 + number, "pretrain.optim.lr": 0.01 * number},
+                epochs=3,
+                status="completed",
+                score=score,
+                epoch=3,
+            )
+        access.finish_job(s, job_id=tune["id"], status="succeeded")
+    body = {"from_tune": tune["id"], "spec": {"ratios": ["1:8"], "overrides": {"pretrain.optim.lr": 0.05}}}
+    job = _submit(client, tokens["alpha"], body)
+    assert job["kind"] == "experiment" and job["spec"]["preset"] == "smoke" and job["spec"]["ratios"] == ["1:8"]
+    assert job["spec"]["resources"]["device"] == "cpu"
+    assert job["spec"]["overrides"] == {
+        "pretrain.epochs": 3,
+        "pretrain.inco.views": 4,
+        "pretrain.optim.lr": 0.05,  # the request's own overrides win
+    }
+    assert job["outputs"]["from_tune"] == {
+        "job": tune["id"],
+        "trial": 2,
+        "score": 0.6,
+        "params": {"pretrain.inco.views": 4, "pretrain.optim.lr": 0.02},
+    }
+    r = client.post("/v1/jobs", json={**body, "spec": {"method": "simclr"}}, headers=auth(tokens["alpha"]))
+    assert r.status_code == 422 and "tuned 'inco', not 'simclr'" in r.json()["detail"]
