@@ -310,8 +310,15 @@ def search(
         ),
     )
     try:
-        tuner.fit()
-        if stopper.canceled or queue.cancel_requested(redis, job_id=job_id):
+        try:
+            tuner.fit()
+        finally:
+            canceled = stopper.canceled or queue.cancel_requested(redis, job_id=job_id)
+            with session_scope(engine) as s:  # Tune reports no end for trials it stops with the search
+                access.end_running_trials(
+                    s, job_id=job_id, note="canceled with the job" if canceled else "the search ended first"
+                )
+        if canceled:
             raise Canceled(f"job {job_id} was canceled")
         with session_scope(engine) as s:
             best = access.best_trial(s, job_id=job_id)

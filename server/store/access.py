@@ -443,6 +443,18 @@ def best_trial(session: Session, *, job_id: str) -> TuneTrial | None:
     return ranked[0] if ranked and ranked[0].status == TrialStatus.completed else None
 
 
+def end_running_trials(session: Session, *, job_id: str, note: str) -> int:
+    """Mark the trials still ``running`` when a search ends (canceled, or stopped as a whole) as
+    ``stopped``, with ``note`` as their error."""
+    rows = session.exec(
+        select(TuneTrial).where(TuneTrial.job_id == job_id, TuneTrial.status == TrialStatus.running)
+    ).all()
+    for row in rows:
+        row.status, row.error, row.updated_at = TrialStatus.stopped, note, utcnow()
+        session.add(row)
+    return len(rows)
+
+
 def clear_trials(session: Session, *, job_id: str) -> int:
     """Forget a tune job's trials (a re-run after its worker died searches again)."""
     rows = session.exec(select(TuneTrial).where(TuneTrial.job_id == job_id)).all()

@@ -127,7 +127,7 @@ def test_from_tune_needs_a_finished_tune_job(service: Service, tuned: tuple[str,
     assert r.status_code == 404 and "tune jobs" in r.json()["detail"]
 
 
-def test_a_search_whose_trials_all_fail_fails_with_their_error(service: Service, tuned: tuple[str, dict]) -> None:
+def test_a_search_whose_trials_all_fail_fails_with_their_error(service: Service) -> None:
     # at 1:256 every class has one labelled image: nothing is left to validate a trial on
     body = {**TUNE, "spec": {**TUNE["spec"], "ratios": ["1:256"]}, "tune": {"trials": 2, "max_concurrent": 2}}
     job, _ = service.wait(service.submit(body), timeout_s=400)
@@ -138,13 +138,13 @@ def test_a_search_whose_trials_all_fail_fails_with_their_error(service: Service,
     assert all("scoring trials needs 2 per class" in t["error"] for t in trials)
 
 
-def test_a_canceled_search_stops_its_trials(service: Service, tuned: tuple[str, dict]) -> None:
+def test_a_canceled_search_stops_its_trials(service: Service) -> None:
     body = {**TUNE, "spec": {**TUNE["spec"], "overrides": {"pretrain.epochs": 50, "pretrain.max_images": 64}}}
-    job_id = service.submit({**body, "tune": {"trials": 2, "max_concurrent": 1}})
+    job_id = service.submit({**body, "tune": {"trials": 1}})
     service.wait_for_epochs(job_id, 1, timeout_s=300)
     r = service.client.post(f"/v1/jobs/{job_id}/cancel", headers=service.headers)
     assert r.status_code == 200, r.text
     job, _ = service.wait(job_id, timeout_s=120)
     assert job["status"] == "canceled"
     trials = service.get(f"/v1/jobs/{job_id}/trials")
-    assert trials and all(t["status"] != "running" and t["epoch"] < 50 for t in trials), trials
+    assert trials and all(t["status"] in ("stopped", "failed") and t["epoch"] < 50 for t in trials), trials
