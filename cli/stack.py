@@ -46,14 +46,16 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
 ) -> None:
-    """Run the HTTP API (migrates the store first)."""
+    """Run the HTTP API (it migrates the store when it starts, retrying while the database is down)."""
     import uvicorn
 
     from server.api.app import create_app
+    from server.logs import setup_logging
 
     settings = Settings()
-    _run_service(lambda: _engine(settings))
-    uvicorn.run(create_app(settings, run_migrations=False), host=host, port=port, log_level="info")
+    setup_logging(settings.log_format)  # JSON lines (INCO_LOG_FORMAT); the API logs each request itself
+    app = create_app(settings)  # migrates at start; while the database is down it retries and answers 503
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=None, access_log=False)
 
 
 def worker(
@@ -61,12 +63,12 @@ def worker(
     name: Annotated[str | None, typer.Option(help="worker name (default host and pid)")] = None,
 ) -> None:
     """Take jobs from the queue and run them on Ray (RAY_ADDRESS, or a local Ray it starts)."""
-    import logging
-
+    from server.logs import setup_logging
     from worker.main import run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _run_service(lambda: run_worker(Settings(), burst=burst, name=name))
+    settings = Settings()
+    setup_logging(settings.log_format)  # JSON lines with job_id and team while a job runs (worker/logs.py)
+    _run_service(lambda: run_worker(settings, burst=burst, name=name))
 
 
 def _run_service(fn: Any) -> Any:
@@ -82,6 +84,10 @@ def _run_service(fn: Any) -> Any:
 def token_create(
     team: Annotated[str, typer.Option(help="team name (created when new)")],
     name: Annotated[str, typer.Option(help="a note, e.g. who uses the token")] = "",
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="what the token may do: read, submit, admin; repeat it (default: read and submit)"),
+    ] = None,
 ) -> None:
     """Create an API token for a team; it is printed once and only its hash is stored."""
     from server.store import access
@@ -89,12 +95,43 @@ def token_create(
 
     if not team.strip() or len(team) > 64:
         _fail("--team needs a name of 1 to 64 characters")
+    scopes = _run_service(lambda: access.check_scopes(scope or None))
 
     def go() -> str:
         with session_scope(_engine(Settings())) as s:
-            return access.create_token(s, team=access.ensure_team(s, name=team.strip()), name=name)
+            return access.create_token(s, team=access.ensure_team(s, name=team.strip()), name=name, scopes=scopes)
 
     typer.echo(_run_service(go))
+
+
+@token_app.command("list")
+def token_list(team: Annotated[str, typer.Option(help="team name")]) -> None:
+    """List a team's tokens (prefix, scopes, created, revoked, name); never the tokens themselves."""
+    from server.store import access
+    from server.store.db import session_scope
+
+    def go() -> list[tuple[str, str, str, str, str]] | None:
+        with session_scope(_engine(Settings())) as s:
+            found = access.find_team(s, name=team.strip())
+            if found is None:
+                return None
+            return [
+                (
+                    t.prefix,
+                    ",".join(t.scopes),
+                    f"{t.created_at:%Y-%m-%dT%H:%M:%S}",
+                    f"{t.revoked_at:%Y-%m-%dT%H:%M:%S}" if t.revoked_at else "active",
+                    t.name,
+                )
+                for t in access.list_tokens(s, team_id=found.id)
+            ]
+
+    rows = _run_service(go)
+    if rows is None:
+        _fail(f"no team named {team.strip()!r}: `inco admin token create --team NAME` makes one")
+    typer.echo(f"{'prefix':<13} {'scopes':<18} {'created':<20} {'revoked':<20} name")
+    for prefix, scopes, created, revoked, note in rows:
+        typer.echo(f"{prefix:<13} {scopes:<18} {created:<20} {revoked:<20} {note}".rstrip())
 
 
 @token_app.command("revoke")
@@ -209,16 +246,23 @@ def _start_redis(settings: Settings, env: dict[str, str]) -> int | None:
 
 
 def _local_token(settings: Settings, engine: Any) -> str:
+    """The local stack's token (read, submit and admin), kept in ``INCO_HOME/token``; a new one when
+    the kept one is revoked or lacks a scope."""
     from server.store import access
     from server.store.db import session_scope
+    from server.store.models import Scope
 
     path = settings.home / "token"
+    every = [scope.value for scope in Scope]
     with session_scope(engine) as s:
         if path.exists():
             token = path.read_text().strip()
-            if access.team_for_token(s, token=token) is not None:
+            found = access.authenticate(s, token=token)
+            if found is not None and set(found[1].scopes) >= set(every):
                 return token
-        token = access.create_token(s, team=access.ensure_team(s, name=LOCAL_TEAM), name="local stack")
+            if found is not None:  # from before scopes: replaced by one with all of them
+                access.revoke_token(s, prefix=found[1].prefix, team_id=found[0].id)
+        token = access.create_token(s, team=access.ensure_team(s, name=LOCAL_TEAM), name="local stack", scopes=every)
     path.write_text(token)
     path.chmod(0o600)
     return token

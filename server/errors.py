@@ -5,6 +5,9 @@
     ├── NotFound             no such job / data set / artifact for this team           -> 404
     ├── Conflict             the request clashes with stored state                     -> 409
     ├── Unauthorized         no token, or a token that is unknown or revoked           -> 401
+    ├── Forbidden            the token lacks the scope the route needs                 -> 403
+    ├── TooLarge             the body or upload is over the server's limit             -> 413
+    ├── LimitReached         the team is at its limit of active jobs or GPUs           -> 429
     ├── ServiceUnavailable   a dependency is down; try again                           -> 503
     │   ├── StoreUnavailable the SQL store
     │   └── QueueUnavailable Redis
@@ -28,6 +31,18 @@ class Conflict(InCoError):
 
 class Unauthorized(InCoError):
     """No bearer token, or one that is unknown or revoked."""
+
+
+class Forbidden(InCoError):
+    """The token is valid but lacks the scope (read, submit, admin) the route needs."""
+
+
+class TooLarge(InCoError):
+    """The request body or upload is larger than the server accepts."""
+
+
+class LimitReached(InCoError):
+    """The team is at its limit of queued + running jobs or GPUs; try again when one ends."""
 
 
 class ServiceUnavailable(InCoError):

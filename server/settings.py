@@ -15,6 +15,13 @@ INCO_ARTIFACTS           $INCO_HOME/artifacts                 checkpoints (share
 INCO_API_URL             http://127.0.0.1:8000                where the CLI finds the API
 INCO_TOKEN               (local stack's token)                the CLI's bearer token
 INCO_QUEUE               inco                                 Redis queue name
+INCO_MAX_ACTIVE_JOBS     20                                   a team's queued + running jobs at once
+INCO_MAX_GPUS            8                                    GPUs of a team's queued + running jobs
+INCO_MAX_BODY_BYTES      1 MiB                                largest JSON request body
+INCO_MAX_UPLOAD_BYTES    2 GiB                                largest data set archive upload
+INCO_MAX_UPLOAD_FILES    100000                               most files in one archive
+INCO_CORS_ORIGINS        (none: CORS off)                     browser origins allowed to call the API
+INCO_LOG_FORMAT          json                                 ``json`` (one object a line) or ``text``
 =======================  ===================================  ==========================================
 """
 
@@ -44,6 +51,16 @@ class Settings(BaseSettings):
     heartbeat_s: int = Field(10, ge=1, le=3600, description="worker heartbeat; a job is abandoned after it + 60 s")
     maintenance_s: int = Field(30, ge=1, le=3600, description="how often a worker looks for abandoned jobs")
     job_timeout_s: int = Field(7 * 24 * 3600, ge=10, description="longest a job may run")
+    stale_after_s: int = Field(
+        300, ge=10, le=7 * 24 * 3600, description="a running job with no heartbeat for this long is requeued"
+    )
+    max_active_jobs: int = Field(20, ge=1, le=100_000, description="a team's queued + running jobs at once")
+    max_gpus: int = Field(8, ge=0, le=100_000, description="GPUs of a team's queued + running jobs at once")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body (bytes)")
+    max_upload_bytes: int = Field(2 << 30, ge=1024, description="largest data set archive upload (bytes)")
+    max_upload_files: int = Field(100_000, ge=1, description="most files in one data set archive")
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed; empty: CORS off")
+    log_format: str = Field("json", pattern="^(json|text)$", description="worker and API log lines")
 
     @property
     def runs_dir(self) -> Path:

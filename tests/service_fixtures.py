@@ -84,9 +84,13 @@ def engine(settings: Settings):
     engine.dispose()
 
 
-def make_team(engine, name: str) -> str:
+ALL_SCOPES = ["read", "submit", "admin"]
+
+
+def make_team(engine, name: str, scopes: list[str] | None = None) -> str:
+    """A token of team ``name`` (created when new) with ``scopes`` (default all three)."""
     with session_scope(engine) as s:
-        return access.create_token(s, team=access.ensure_team(s, name=name))
+        return access.create_token(s, team=access.ensure_team(s, name=name), scopes=scopes or ALL_SCOPES)
 
 
 def auth(token: str) -> dict[str, str]:

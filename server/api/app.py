@@ -9,11 +9,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from server import queue
-from server.api import errors
-from server.api.routes import datasets, jobs, results
+from server.api import errors, observability, security
+from server.api.limits import BodySizeLimit
+from server.api.routes import artifacts, datasets, jobs, results, tokens
 from server.errors import ServiceUnavailable
+from server.logs import setup_logging
 from server.settings import Settings
-from server.store.db import make_engine, migrate, ping
+from server.store.db import Migrator, make_engine, ping
 
 API_VERSION = "1"
 
@@ -23,9 +25,13 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        migrator = app.state.migrator
         if run_migrations:
-            migrate(app.state.engine)
+            migrator.start()  # a database that is down is retried in the background (503 until then)
+        else:
+            migrator.ready.set()
         yield
+        migrator.stop()
         app.state.engine.dispose()
         app.state.redis.close()
 
@@ -39,9 +45,13 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     )
     app.state.settings = settings
     app.state.engine = make_engine(settings.db_url)
+    app.state.migrator = Migrator(app.state.engine)
     app.state.redis = queue.connect(settings.redis_url)
     errors.install(app)
-    for module in (jobs, results, datasets):
+    app.add_middleware(BodySizeLimit)  # 413 for bodies over max_body_bytes / max_upload_bytes
+    observability.install(app)  # GET /metrics; request latency and one log line per request
+    security.install(app, settings)  # security headers on every answer; CORS only for INCO_CORS_ORIGINS
+    for module in (jobs, results, datasets, artifacts, tokens):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])
@@ -53,6 +63,9 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     def readyz(request: Request) -> JSONResponse:
         """Redis and the database answer."""
         checks: dict[str, str] = {}
+        migrator = request.app.state.migrator
+        if not migrator.ready.is_set():
+            checks["schema"] = f"not migrated yet: {migrator.error or 'migrating'}"
         for name, check in (
             ("database", lambda: ping(request.app.state.engine)),
             ("redis", lambda: queue.ping(request.app.state.redis)),
@@ -69,4 +82,6 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
 
 def app() -> FastAPI:  # uvicorn --factory server.api.app:app
-    return create_app()
+    settings = Settings()
+    setup_logging(settings.log_format)
+    return create_app(settings)

@@ -7,10 +7,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from inco_core.errors import CheckpointError, ConfigError, DataError, InCoError
-from server.errors import Conflict, NotFound, ServiceUnavailable, Unauthorized
+from server.errors import Conflict, Forbidden, LimitReached, NotFound, ServiceUnavailable, TooLarge, Unauthorized
 
 STATUS: list[tuple[type[InCoError], int]] = [
     (Unauthorized, 401),
+    (Forbidden, 403),
+    (TooLarge, 413),
+    (LimitReached, 429),
     (NotFound, 404),
     (Conflict, 409),
     (ConfigError, 422),
@@ -28,7 +31,9 @@ def status_for(exc: InCoError) -> int:
 
 
 def _field_message(err: dict) -> str:
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):  # where it was, not a field (a field may be "path")
+        loc = loc[1:]
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown field; check the spelling against the API's schema (GET /openapi.json)"
@@ -46,8 +51,8 @@ def install(app: FastAPI) -> None:
     async def _inco(request: Request, exc: InCoError) -> JSONResponse:
         code = status_for(exc)
         headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
-        if code == 503:
-            headers = {"Retry-After": "5"}
+        if code in (429, 503):
+            headers = {"Retry-After": "5" if code == 503 else "30"}
         return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
     @app.exception_handler(RequestValidationError)

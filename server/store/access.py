@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import secrets
 from collections import defaultdict
 from datetime import datetime
@@ -16,9 +17,11 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from inco_core.errors import ConfigError
 from inco_core.progress import EpochLog
 from server.errors import Conflict, NotFound
 from server.store.models import (
+    DEFAULT_SCOPES,
     ApiToken,
     Artifact,
     Dataset,
@@ -30,6 +33,7 @@ from server.store.models import (
     LeaderboardRow,
     Metric,
     Result,
+    Scope,
     Team,
     TrialStatus,
     TuneTrial,
@@ -53,25 +57,73 @@ def ensure_team(session: Session, *, name: str) -> Team:
     return team
 
 
-def create_token(session: Session, *, team: Team, name: str = "") -> str:
-    """A new bearer token for ``team``; the plain token is returned once and never stored."""
+def check_scopes(scopes: list[str] | None) -> list[str]:
+    """``scopes`` as stored: known names, each once, in the order read, submit, admin; None gives the
+    default (read and submit). Raises ConfigError naming the unknown ones."""
+    if scopes is None:
+        return list(DEFAULT_SCOPES)
+    known = [s.value for s in Scope]
+    unknown = sorted({s for s in scopes if s not in known})
+    if unknown:
+        raise ConfigError(f"scopes: unknown scope(s) {unknown}; choose from {', '.join(known)}")
+    if not scopes:
+        raise ConfigError(f"scopes: a token needs at least one scope ({', '.join(known)})")
+    return [s for s in known if s in scopes]
+
+
+def create_token(session: Session, *, team: Team, name: str = "", scopes: list[str] | None = None) -> str:
+    """A new bearer token for ``team`` with ``scopes`` (default read and submit); the plain token is
+    returned once and only its SHA-256 is stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiToken(team_id=team.id, token_hash=hash_token(token), prefix=token[:12], name=name))
+    session.add(
+        ApiToken(
+            team_id=team.id,
+            token_hash=hash_token(token),
+            prefix=token[:12],
+            name=name,
+            scopes=check_scopes(scopes),
+        )
+    )
     session.flush()
     return token
 
 
+def authenticate(session: Session, *, token: str) -> tuple[Team, ApiToken] | None:
+    """The team and token row of a valid, unrevoked token (hashes compared in constant time), else None."""
+    digest = hash_token(token)
+    found = session.exec(
+        select(ApiToken, Team).join(Team, col(Team.id) == col(ApiToken.team_id)).where(ApiToken.token_hash == digest)
+    ).first()
+    if found is None:
+        return None
+    row, team = found
+    if row.revoked_at is not None or not hmac.compare_digest(row.token_hash, digest):
+        return None
+    return team, row
+
+
 def team_for_token(session: Session, *, token: str) -> Team | None:
     """The team of a valid, unrevoked token (hashes compared in constant time), else None."""
-    digest = hash_token(token)
-    row = session.exec(select(ApiToken).where(ApiToken.token_hash == digest)).first()
-    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.token_hash, digest):
-        return None
-    return session.get(Team, row.team_id)
+    found = authenticate(session, token=token)
+    return found[0] if found is not None else None
 
 
-def revoke_token(session: Session, *, prefix: str) -> int:
-    rows = session.exec(select(ApiToken).where(ApiToken.prefix == prefix, col(ApiToken.revoked_at).is_(None))).all()
+def find_team(session: Session, *, name: str) -> Team | None:
+    return session.exec(select(Team).where(Team.name == name)).first()
+
+
+def list_tokens(session: Session, *, team_id: int) -> list[ApiToken]:
+    """The team's tokens, revoked ones included, oldest first."""
+    query = select(ApiToken).where(ApiToken.team_id == team_id).order_by(col(ApiToken.created_at), col(ApiToken.id))
+    return list(session.exec(query).all())
+
+
+def revoke_token(session: Session, *, prefix: str, team_id: int | None = None) -> int:
+    """Revoke the active tokens starting with ``prefix`` (of ``team_id`` only, when given); how many."""
+    query = select(ApiToken).where(ApiToken.prefix == prefix, col(ApiToken.revoked_at).is_(None))
+    if team_id is not None:
+        query = query.where(ApiToken.team_id == team_id)
+    rows = session.exec(query).all()
     for row in rows:
         row.revoked_at = utcnow()
         session.add(row)
@@ -109,13 +161,25 @@ def list_datasets(session: Session, *, team_id: int) -> list[Dataset]:
 
 
 # -- jobs ---------------------------------------------------------------------------------------
-def create_job(session: Session, *, team_id: int, request: JobCreate, spec: dict[str, Any]) -> Job:
+def create_job(
+    session: Session,
+    *,
+    team_id: int,
+    request: JobCreate,
+    spec: dict[str, Any],
+    gpus: int = 0,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> Job:
     job = Job(
         team_id=team_id,
         kind=request.kind,
         spec=spec,
         pretrained_job=request.pretrained_job,
         tune=request.tune.model_dump(mode="json") if request.tune is not None else None,
+        gpus=gpus,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
     )
     session.add(job)
     session.flush()
@@ -123,8 +187,28 @@ def create_job(session: Session, *, team_id: int, request: JobCreate, spec: dict
     return job
 
 
+def job_for_key(session: Session, *, team_id: int, key: str) -> Job | None:
+    """The team's job submitted with this ``Idempotency-Key``, if any."""
+    return session.exec(select(Job).where(Job.team_id == team_id, Job.idempotency_key == key)).first()
+
+
+def active_usage(session: Session, *, team_id: int) -> tuple[int, int]:
+    """How many of the team's jobs are queued or running, and the GPUs they hold."""
+    active = (JobStatus.queued, JobStatus.running)
+    count, gpus = session.exec(
+        select(func.count(), func.coalesce(func.sum(Job.gpus), 0)).where(
+            Job.team_id == team_id, col(Job.status).in_(active)
+        )
+    ).one()
+    return int(count), int(gpus)
+
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def get_job(session: Session, *, job_id: str, team_id: int | None) -> Job:
-    job = session.get(Job, job_id)
+    # an id that cannot exist is not sent to the database (PostgreSQL refuses NUL bytes with an error)
+    job = session.get(Job, job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None or (team_id is not None and job.team_id != team_id):
         raise NotFound(f"no job {job_id!r}: list your jobs with GET /v1/jobs (inco jobs)")
     return job
@@ -145,7 +229,9 @@ def job_public(session: Session, job: Job) -> JobPublic:
 
 
 def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
-    """Jobs as the API shows them, with team names and result counts in two queries for the page."""
+    """Jobs as the API shows them, with team names and result counts: one query for the page's counts,
+    and one for the team names unless the session holds those teams already (the API's session holds the
+    caller's team, loaded when its token was checked)."""
     if not jobs:
         return []
     ids = [j.id for j in jobs]
@@ -154,7 +240,10 @@ def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
             select(Result.job_id, func.count()).where(col(Result.job_id).in_(ids)).group_by(col(Result.job_id))
         ).all()
     )
-    teams = {t.id: t.name for t in session.exec(select(Team).where(col(Team.id).in_({j.team_id for j in jobs})))}
+    teams = {t.id: t.name for t in session.identity_map.values() if isinstance(t, Team)}
+    missing = {j.team_id for j in jobs} - teams.keys()
+    if missing:
+        teams.update(session.exec(select(Team.id, Team.name).where(col(Team.id).in_(missing))).all())
     return [
         JobPublic.model_validate(
             {**j.model_dump(warnings=False), "team": teams.get(j.team_id, "?"), "results": counts.get(j.id, 0)}
@@ -491,6 +580,28 @@ def list_artifacts(session: Session, *, team_id: int, job_id: str | None = None)
     if job_id is not None:
         query = query.where(Artifact.job_id == job_id)
     return list(session.exec(query.order_by(col(Artifact.id))).all())
+
+
+def set_error(session: Session, *, job_id: str, error: str) -> None:
+    """Keep the error of a failed attempt on a job that will be retried."""
+    job = session.get(Job, job_id)
+    if job is not None:
+        job.error = error
+        session.add(job)
+
+
+def touch_job(session: Session, *, job_id: str) -> None:
+    """Stamp a running job's heartbeat."""
+    job = session.get(Job, job_id)
+    if job is not None and job.status == JobStatus.running:
+        job.heartbeat_at = utcnow()
+        session.add(job)
+
+
+def jobs_with_status(session: Session, *, status: JobStatus, before: datetime) -> list[Job]:
+    """Jobs in ``status`` created before ``before`` (all teams; for the worker's recovery pass)."""
+    query = select(Job).where(Job.status == status, col(Job.created_at) < before)
+    return list(session.exec(query.order_by(col(Job.created_at))))
 
 
 def stale_running_jobs(session: Session, *, before: datetime) -> list[Job]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic import Field as PydField
-from sqlalchemy import JSON, Column, String, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from inco_core.config import RunSpec
@@ -57,6 +57,24 @@ class Team(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, unique=True, max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
+    max_active_jobs: int | None = Field(
+        default=None, description="queued + running jobs at once; None: the server's INCO_MAX_ACTIVE_JOBS"
+    )
+    max_gpus: int | None = Field(
+        default=None, description="GPUs of queued + running jobs at once; None: the server's INCO_MAX_GPUS"
+    )
+
+
+class Scope(StrEnum):
+    """What a token may do: ``read`` the team's things, ``submit`` (and cancel) jobs and register data
+    sets, ``admin``: manage the team's tokens and limits."""
+
+    read = "read"
+    submit = "submit"
+    admin = "admin"
+
+
+DEFAULT_SCOPES = [Scope.read.value, Scope.submit.value]
 
 
 class ApiToken(SQLModel, table=True):
@@ -68,6 +86,7 @@ class ApiToken(SQLModel, table=True):
     token_hash: str = Field(index=True, unique=True, max_length=64)
     prefix: str = Field(max_length=12, description="first characters, to tell tokens apart")
     name: str = Field(default="", max_length=128)
+    scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_SCOPES), sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
 
@@ -161,6 +180,7 @@ class JobCreate(BaseModel):
 
 class Job(JobBase, table=True):
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_team_id_idempotency_key", "team_id", "idempotency_key", unique=True),)
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
     team_id: int = Field(foreign_key="teams.id", index=True)
     spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
@@ -178,6 +198,9 @@ class Job(JobBase, table=True):
         default_factory=dict, sa_column=Column(JSON, nullable=False), description="e.g. the backbones it made or used"
     )
     tune: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    idempotency_key: str | None = Field(default=None, max_length=128, description="its Idempotency-Key header")
+    request_hash: str | None = Field(default=None, max_length=64, description="SHA-256 of the request it came from")
+    gpus: int = Field(default=0, description="GPUs it holds while queued or running (workers x GPUs per worker)")
 
 
 class JobPublic(JobBase):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
-from sqlalchemy.exc import SQLAlchemyError
+from fastapi import APIRouter, Header, Query, Response, status
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session
 
-from inco_core.config import load_spec
+from inco_core.config import RunSpec, load_spec
 from inco_core.errors import ConfigError
 from server import queue
-from server.api.deps import RedisDep, SessionDep, SettingsDep, TeamDep
-from server.errors import Conflict, NotFound, StoreUnavailable
+from server.api.deps import RedisDep, SessionDep, SettingsDep, SubmitTeamDep, TeamDep
+from server.errors import Conflict, LimitReached, NotFound, StoreUnavailable
+from server.settings import Settings
 from server.store import access
 from server.store.db import session_scope
 from server.store.models import (
@@ -24,6 +28,7 @@ from server.store.models import (
     JobStatus,
     MetricPublic,
     ResultPublic,
+    Team,
     TrialPublic,
 )
 
@@ -31,12 +36,76 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 DEFAULT_DATASET = "default"
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces
+
+
+def request_hash(body: JobCreate) -> str:
+    """SHA-256 of the request as validated, so the same request sent twice hashes the same."""
+    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=False), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def job_gpus(spec: RunSpec) -> int:
+    res = spec.resources
+    per_worker = res.gpus_per_worker or (1 if res.device == "cuda" else 0)
+    return math.ceil(res.workers * per_worker)
+
+
+def _check_limits(session: Session, team: Team, settings: Settings, gpus: int) -> None:
+    """Per-team limits: queued + running jobs, and the GPUs they hold (429 while at the limit)."""
+    max_jobs = team.max_active_jobs if team.max_active_jobs is not None else settings.max_active_jobs
+    max_gpus = team.max_gpus if team.max_gpus is not None else settings.max_gpus
+    if gpus > max_gpus:
+        raise ConfigError(
+            f"spec.resources: the job needs {gpus} GPU(s) but team {team.name!r} may use {max_gpus} at once; "
+            "lower resources.workers / gpus_per_worker, or ask an admin to raise the team's GPU limit"
+        )
+    count, held = access.active_usage(session, team_id=team.id)
+    if count >= max_jobs:
+        raise LimitReached(
+            f"team {team.name!r} has {count} queued or running jobs, its limit is {max_jobs}: "
+            "wait for one to end or cancel one (inco jobs, inco cancel ID), then submit again"
+        )
+    if gpus and held + gpus > max_gpus:
+        raise LimitReached(
+            f"team {team.name!r} holds {held} of its {max_gpus} GPU(s) in queued or running jobs and this job needs "
+            f"{gpus}: wait for one to end, then submit again"
+        )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    responses={
+        200: {"description": "the same Idempotency-Key and request were sent before: the job made then"},
+        429: {"description": "the team is at its limit of queued + running jobs or GPUs"},
+        503: {"description": "Redis or the database is down; nothing was stored"},
+    },
+)
 def submit_job(
-    body: JobCreate, team: TeamDep, session: SessionDep, redis: RedisDep, settings: SettingsDep
+    body: JobCreate,
+    team: SubmitTeamDep,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            pattern=IDEMPOTENCY_KEY,
+            description="any unique string (a UUID): sending the same request again with the same key returns "
+            "the job made the first time instead of a second job",
+        ),
+    ] = None,
 ) -> JobPublic:
     """Validate a job, store it ``queued`` and put its id on the queue. If Redis is down the answer is
     503 and nothing is stored."""
+    digest = request_hash(body)
+    if idempotency_key is not None:
+        earlier = access.job_for_key(session, team_id=team.id, key=idempotency_key)
+        if earlier is not None:
+            return _replay(session, earlier, digest, response)
     from_tune: dict[str, object] | None = None
     if body.from_tune:
         body, from_tune = _apply_tune(session, team_id=team.id, body=body)
@@ -68,18 +137,17 @@ def submit_job(
     spec = body.spec.model_copy(
         update={"data": body.spec.data.model_copy(update={"path": dataset.path, "dataset": name})}
     )
+    gpus = job_gpus(spec)
+    _check_limits(session, team, settings, gpus)
     queue.ping(redis)
-    job = access.create_job(session, team_id=team.id, request=body, spec=spec.model_dump(mode="json"))
-    if from_tune is not None:
-        job.outputs = {"from_tune": from_tune}
-        access.add_log(
-            session,
-            job_id=job.id,
-            message=f"settings of tune job {from_tune['job']}, trial {from_tune['trial']} "
-            f"(validation accuracy {from_tune['score']:.4f}): {from_tune['params']}",
-        )
     try:
-        session.commit()
+        job = _store(session, team.id, body, spec, gpus, idempotency_key, digest, from_tune)
+    except IntegrityError:
+        session.rollback()
+        earlier = access.job_for_key(session, team_id=team.id, key=idempotency_key) if idempotency_key else None
+        if earlier is None:
+            raise
+        return _replay(session, earlier, digest, response)  # the same key raced in from a second request
     except SQLAlchemyError as exc:
         raise StoreUnavailable("the database is unreachable, the job was not stored") from exc
     try:
@@ -95,6 +163,49 @@ def submit_job(
         with session_scope(session.get_bind()) as s:  # nothing half-made: the row goes again
             access.delete_job(s, job_id=job.id)
         raise
+    return access.job_public(session, job)
+
+
+def _store(
+    session: Session,
+    team_id: int,
+    body: JobCreate,
+    spec: RunSpec,
+    gpus: int,
+    key: str | None,
+    digest: str,
+    from_tune: dict[str, object] | None,
+) -> Job:
+    """Insert and commit the queued row (before it is queued, so a worker always finds it)."""
+    job = access.create_job(
+        session,
+        team_id=team_id,
+        request=body,
+        spec=spec.model_dump(mode="json"),
+        gpus=gpus,
+        idempotency_key=key,
+        request_hash=digest,
+    )
+    if from_tune is not None:
+        job.outputs = {"from_tune": from_tune}
+        access.add_log(
+            session,
+            job_id=job.id,
+            message=f"settings of tune job {from_tune['job']}, trial {from_tune['trial']} "
+            f"(validation accuracy {from_tune['score']:.4f}): {from_tune['params']}",
+        )
+    session.commit()
+    return job
+
+
+def _replay(session: Session, job: Job, digest: str, response: Response) -> JobPublic:
+    if job.request_hash != digest:
+        raise Conflict(
+            f"Idempotency-Key was used for job {job.id} with a different request: "
+            "send a new key for a new job, or the same request to get that job"
+        )
+    response.status_code = status.HTTP_200_OK
+    response.headers["Idempotent-Replayed"] = "true"
     return access.job_public(session, job)
 
 
@@ -192,7 +303,7 @@ def job_trials(job_id: str, team: TeamDep, session: SessionDep) -> list[TrialPub
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, team: TeamDep, session: SessionDep, redis: RedisDep) -> JobPublic:
+def cancel_job(job_id: str, team: SubmitTeamDep, session: SessionDep, redis: RedisDep) -> JobPublic:
     """A queued job ends ``canceled`` at once; a running one stops within seconds. Fine-tune jobs
     waiting for it are canceled too. 409 when the job already ended."""
     job = access.get_job(session, job_id=job_id, team_id=team.id)
