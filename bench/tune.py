@@ -67,8 +67,12 @@ def main() -> None:
     from server.store.models import JobCreate, JobKind
     from worker.tuning import search
 
-    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     db_url = f"sqlite:///{home / 'inco.db'}"
+    os.environ.update({"INCO_DATABASE_URL": db_url, "INCO_REDIS_URL": args.redis})
+    from server.settings import Settings
+    from worker.jobs import ray_runtime_env
+
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False, runtime_env=ray_runtime_env(Settings()))
     engine = make_engine(db_url)
     migrate(engine)
     spec = RunSpec.model_validate(
@@ -100,8 +104,6 @@ def main() -> None:
                 "run_dir": str(home / "runs" / job_id),
                 "cache_dir": str(home / "cache"),
                 "backbone_dir": str(home / "backbones"),
-                "database_url": db_url,
-                "redis_url": args.redis,
             }
             t0 = time.perf_counter()
             best = search(config, spec, settings, storage_path=home / "ray", cpus_per_worker=1)

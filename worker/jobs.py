@@ -21,6 +21,8 @@ from server.settings import Settings
 from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import Job, JobKind, JobStatus
+from worker.recovery import Heartbeat
+from worker.reporting import with_retries
 
 log = logging.getLogger("inco.worker")
 
@@ -30,16 +32,19 @@ def _worker_name() -> str:
 
 
 def _finish(engine: Any, job_id: str, status: JobStatus, error: str | None = None) -> None:
-    with session_scope(engine) as s:
-        access.finish_job(s, job_id=job_id, status=status, error=error)
-        if status != JobStatus.succeeded:
-            for dep in access.dependents(s, job_id=job_id):
-                access.finish_job(
-                    s,
-                    job_id=dep.id,
-                    status=JobStatus.failed if status == JobStatus.failed else JobStatus.canceled,
-                    error=f"pretrain job {job_id} ended {status}",
-                )
+    def go() -> None:
+        with session_scope(engine) as s:
+            access.finish_job(s, job_id=job_id, status=status, error=error)
+            if status != JobStatus.succeeded:
+                for dep in access.dependents(s, job_id=job_id):
+                    access.finish_job(
+                        s,
+                        job_id=dep.id,
+                        status=JobStatus.failed if status == JobStatus.failed else JobStatus.canceled,
+                        error=f"pretrain job {job_id} ended {status}",
+                    )
+
+    with_retries(go, what=f"the end of job {job_id}")  # the store may be restarting: wait for it
 
 
 def _expected_rows(spec: RunSpec, kind: JobKind) -> int:
@@ -75,8 +80,11 @@ def run_job(job_id: str) -> str:
     settings = Settings()
     engine = make_engine(settings.db_url)
     redis = queue.connect(settings.redis_url)
+    from worker.logs import job_logging  # job_id and team on every log line while the job runs
+
     try:
-        return _run(job_id, settings, engine, redis)
+        with job_logging(engine, job_id), Heartbeat(engine, job_id, settings.heartbeat_s):
+            return _run(job_id, settings, engine, redis)
     finally:
         engine.dispose()
 
@@ -132,11 +140,10 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
         "run_dir": str(run_dir),
         "cache_dir": str(settings.cache_dir),
         "backbone_dir": str(settings.artifact_dir / "teams" / str(snapshot.team_id) / "backbones"),
-        "database_url": settings.db_url,
-        "redis_url": settings.redis_url,
     }
     try:
-        _connect_ray()
+        run_dir.mkdir(parents=True, exist_ok=True)  # fails here, before Ray starts, if it cannot be made
+        _connect_ray(settings)
         cpus = check_resources(spec, settings.cpus_per_worker)
         res = spec.resources
         with session_scope(engine) as s:
@@ -178,8 +185,9 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
         message = f"{exc.__class__.__name__}: {exc}"
         log.error("job %s crashed: %s", job_id, traceback.format_exc())
         retry = _retries_left() > 0
-        with session_scope(engine) as s:
+        with session_scope(engine) as s:  # the error stays on the job while it is retried
             access.add_log(s, job_id=job_id, level="error", message=f"attempt crashed: {message}")
+            access.set_error(s, job_id=job_id, error=message)
         if retry:
             raise  # RQ runs it again; the next attempt resumes from the run folder
         _finish(engine, job_id, JobStatus.failed, message)
@@ -195,8 +203,19 @@ def _retries_left() -> int:
     return int(current.retries_left or 0) if current is not None else 0
 
 
-def _connect_ray() -> None:
+def ray_runtime_env(settings: Settings) -> dict[str, Any]:
+    """What the job's Ray workers need to reach the store and the queue, as environment variables of
+    the Ray job (held by Ray's GCS, never written to a run folder)."""
+    return {"env_vars": {"INCO_DATABASE_URL": settings.db_url, "INCO_REDIS_URL": settings.redis_url}}
+
+
+def _connect_ray(settings: Settings) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING", log_to_driver=False)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            logging_level="WARNING",
+            log_to_driver=False,
+            runtime_env=ray_runtime_env(settings),
+        )

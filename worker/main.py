@@ -23,10 +23,12 @@ from rq import Worker
 
 from server import queue
 from server.errors import ServiceUnavailable
+from server.logs import setup_logging
 from server.settings import Settings
 from server.store import access
 from server.store.db import make_engine, schema_is_current, session_scope
-from server.store.models import JobStatus
+from server.store.models import Job, JobStatus
+from worker.recovery import reconcile
 
 log = logging.getLogger("inco.worker")
 
@@ -108,19 +110,36 @@ def mark_failed_when_retries_run_out(job: Any, exc_type: Any, exc_value: Any, tb
     engine = make_engine(settings.db_url)
     try:
         with session_scope(engine) as s:
+            stored = s.get(Job, job.id)
+            last = f"; last error: {stored.error}" if stored is not None and stored.error else ""
             access.finish_job(
                 s,
                 job_id=job.id,
                 status=JobStatus.failed,
-                error=f"the worker running it died or timed out ({exc_type.__name__}: {exc_value}); no retry left",
+                error=f"the worker running it died or timed out ({exc_type.__name__}: {exc_value}); "
+                f"no retry left{last}",
             )
     finally:
         engine.dispose()
     return True
 
 
+class InCoWorker(Worker):
+    """An RQ worker whose maintenance pass also reconciles the store with the queue
+    (:func:`worker.recovery.reconcile`), so a job Redis lost is queued again."""
+
+    inco_settings: Settings
+    inco_engine: Any
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        reconcile(self.inco_engine, self.connection, self.inco_settings)
+
+
 def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None) -> None:
     """Serve the queue until stopped (or, with ``burst``, until it is empty)."""
+    if not logging.getLogger().handlers:  # `inco worker` set it up already; RQ's own setup would be plain text
+        setup_logging(settings.log_format)
     engine = make_engine(settings.db_url)
     deadline = time.monotonic() + 60
     while True:
@@ -143,8 +162,9 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         os.environ.update(ray_env(settings.home))
         os.environ["RAY_ADDRESS"] = address
         log.info("started a local Ray head at %s", address)
+    engine = make_engine(settings.db_url)
     try:
-        worker = Worker(
+        worker = InCoWorker(
             [settings.queue],
             connection=redis,
             name=name or f"inco-{socket.gethostname()}-{os.getpid()}",
@@ -153,7 +173,10 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
             maintenance_interval=settings.maintenance_s,
             worker_ttl=settings.maintenance_s + 15,  # an idle worker waits this - 15 s for a job, then maintains
         )
+        worker.inco_settings, worker.inco_engine = settings, engine
+        reconcile(engine, redis, settings)
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
     finally:
+        engine.dispose()
         if ray_proc is not None:
             stop_local_ray(ray_proc, grace_s=30)

@@ -18,8 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from inco_core.progress import EpochLog
 from server import queue
 from server.errors import Canceled
+from server.settings import Settings
 from server.store import access
-from server.store.db import session_scope
+from server.store.db import make_engine, session_scope
 from server.store.models import Artifact
 
 if TYPE_CHECKING:
@@ -30,17 +31,33 @@ T = TypeVar("T")
 CANCEL_POLL_S = 0.5
 
 
-def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, delay_s: float = 0.5) -> T:
-    """Run a store write, retrying while the database is briefly unreachable or locked."""
-    for attempt in range(1, attempts + 1):
+def connect_store() -> tuple[Engine, Redis]:
+    """The store and Redis of this process's ``INCO_`` environment. Ray workers get it from the job's
+    runtime environment (:func:`worker.jobs.ray_runtime_env`), so no URL (which may hold a password)
+    travels in a Ray config that Ray Train or Ray Tune might write to disk."""
+    settings = Settings()
+    return make_engine(settings.db_url), queue.connect(settings.redis_url)
+
+
+STORE_RETRY_S = 300.0  # how long a write waits for a store that is down before the attempt fails
+
+
+def with_retries(fn: Callable[[], T], *, what: str, budget_s: float | None = None, delay_s: float = 0.5) -> T:
+    """Run a store write, retrying with backoff (0.5 s doubling to 10 s) while the database is down,
+    restarting or locked, for up to ``budget_s`` (default :data:`STORE_RETRY_S`); then the error
+    propagates and the queue's retry takes over."""
+    deadline = time.monotonic() + (STORE_RETRY_S if budget_s is None else budget_s)
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except SQLAlchemyError as exc:
-            if attempt == attempts:
+            wait = min(delay_s * 2 ** (attempt - 1), 10.0)
+            if time.monotonic() + wait > deadline:
                 raise
-            log.warning("%s failed (%s), retry %d/%d", what, exc.__class__.__name__, attempt, attempts - 1)
-            time.sleep(delay_s * attempt)
-    raise AssertionError("unreachable")
+            log.warning("%s not stored (%s), retry %d in %.1f s", what, exc.__class__.__name__, attempt, wait)
+            time.sleep(wait)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -18,11 +18,10 @@ from ray.train.torch import TorchTrainer
 
 from inco_core.config import RunSpec
 from inco_core.errors import InCoError
-from server import queue
 from server.store import access
-from server.store.db import make_engine, session_scope
+from server.store.db import session_scope
 from server.store.models import Artifact
-from worker.reporting import StoreBackbones, StoreReporter, with_retries
+from worker.reporting import StoreBackbones, StoreReporter, connect_store, with_retries
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -36,8 +35,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
     torch.set_num_threads(max(1, cpus))
-    engine = make_engine(config["database_url"])
-    redis = queue.connect(config["redis_url"])
+    engine, redis = connect_store()
     job_id, team_id = config["job_id"], config["team_id"]
     reporter = StoreReporter(engine, redis, job_id=job_id, rank=rank)
     experiment = Experiment(

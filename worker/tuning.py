@@ -35,10 +35,11 @@ from inco_core.errors import InCoError
 from inco_core.search import SPACE, TuneSettings, grace_epochs, overrides_for, trial_spec
 from server import queue
 from server.errors import Canceled
+from server.settings import Settings
 from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import TrialStatus
-from worker.reporting import StoreReporter, with_retries
+from worker.reporting import StoreReporter, connect_store, with_retries
 from worker.training import root_cause, scaling_config
 
 STOPPER_POLL_S = 1.0
@@ -63,8 +64,7 @@ def trial_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
     torch.set_num_threads(max(1, cpus))
-    engine = make_engine(config["database_url"])
-    redis = queue.connect(config["redis_url"])
+    engine, redis = connect_store()
     try:
         run_trial(
             spec,
@@ -115,14 +115,14 @@ def trial_driver(point: dict[str, Any], base: dict[str, Any]) -> None:
 class StoreTrials(ray.tune.Callback):
     """Writes each trial's point, latest validation score, status and error to the store."""
 
-    def __init__(self, database_url: str, *, job_id: str, epochs: int) -> None:
-        self.database_url, self.job_id, self.epochs = database_url, job_id, epochs
+    def __init__(self, *, job_id: str, epochs: int) -> None:
+        self.job_id, self.epochs = job_id, epochs
         self._engine: Any = None
 
     @property
     def engine(self) -> Any:
         if self._engine is None:
-            self._engine = make_engine(self.database_url)
+            self._engine = make_engine(Settings().db_url)
         return self._engine
 
     def __getstate__(self) -> dict[str, Any]:  # Tune saves its run config: no connections in it
@@ -180,8 +180,8 @@ def trial_error(trial: Any) -> str:
 class CancelStopper(ray.tune.Stopper):
     """Stops the whole search when the job's cancel flag is set."""
 
-    def __init__(self, redis_url: str, *, job_id: str) -> None:
-        self.redis_url, self.job_id = redis_url, job_id
+    def __init__(self, *, job_id: str) -> None:
+        self.job_id = job_id
         self.canceled = False
         self._next = 0.0
         self._redis: Any = None
@@ -197,7 +197,7 @@ class CancelStopper(ray.tune.Stopper):
         if not self.canceled and now >= self._next:
             self._next = now + STOPPER_POLL_S
             with contextlib.suppress(RedisError):  # unreadable: keep searching, try again at the next poll
-                self._redis = self._redis or queue.connect(self.redis_url)
+                self._redis = self._redis or queue.connect(Settings().redis_url)
                 self.canceled = queue.cancel_requested(self._redis, job_id=self.job_id)
         return self.canceled
 
@@ -256,8 +256,7 @@ def search(
     from ray.tune.schedulers import ASHAScheduler
 
     job_id = config["job_id"]
-    engine = make_engine(config["database_url"])
-    redis = queue.connect(config["redis_url"])
+    engine, redis = connect_store()
     epochs = spec.resolve().pretrain.epochs
     seed = spec.seeds[0]
     with session_scope(engine) as s:
@@ -271,7 +270,7 @@ def search(
             message=f"searching {', '.join(settings.params)}: {settings.trials} trials, {concurrent} at once, "
             f"ASHA from epoch {grace} keeping 1/{settings.reduction_factor}, Optuna TPE (seed {seed})",
         )
-    stopper = CancelStopper(config["redis_url"], job_id=job_id)
+    stopper = CancelStopper(job_id=job_id)
     base = {
         **config,
         "tune": settings.model_dump(mode="json"),
@@ -303,7 +302,7 @@ def search(
         run_config=ray.tune.RunConfig(
             name=f"job-{job_id}-tune-attempt{config.get('attempt', 1)}",
             storage_path=str(storage_path),
-            callbacks=[StoreTrials(config["database_url"], job_id=job_id, epochs=epochs)],
+            callbacks=[StoreTrials(job_id=job_id, epochs=epochs)],
             stop=stopper,
             failure_config=ray.tune.FailureConfig(max_failures=0),
             verbose=0,

@@ -1,0 +1,180 @@
+"""Faults injected into a running service, all real: the API (`inco serve`) and the worker
+(`inco worker`) as processes that get ``kill -9``, a private Redis with the deploy config's append-only
+persistence that gets killed and restarted, and PostgreSQL behind a TCP proxy whose link gets cut.
+
+Every test ends by checking that no job was lost and no metric or result was stored twice."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.store import access
+from server.store.db import session_scope
+from server.store.models import Job, JobStatus, utcnow
+from tests.chaos import Chaos, chaos_service, wait_until
+from tests.worker.conftest import SMOKE
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SECRET = "s3cret-" + secrets.token_hex(4)  # the database password: it must never reach a file
+LONG = {"spec": {**SMOKE["spec"], "method": "simsiam", "overrides": {"pretrain.epochs": 12, "pretrain.max_images": 96}}}
+ORDER = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "canceled": 2}
+
+
+@pytest.fixture(scope="module")
+def chaos(tmp_path_factory: pytest.TempPathFactory, neu_path: Path, local_ray: dict[str, str]) -> Iterator[Chaos]:
+    with chaos_service(tmp_path_factory.mktemp("chaos-home"), neu_path, local_ray, db_password=SECRET) as svc:
+        yield svc
+
+
+def test_redis_killed_and_restarted_keeps_the_queue(chaos: Chaos) -> None:
+    """With no worker running, two jobs wait in Redis; Redis is killed (SIGKILL, no shutdown save):
+    submits answer 503 and store nothing, /readyz names Redis; restarted, Redis still holds both jobs
+    from its append-only file, the API recovers by itself, and a worker runs all of them."""
+    chaos.worker.stop()
+    ids = [chaos.submit(), chaos.submit({"spec": {**SMOKE["spec"], "seeds": [1]}})]
+    chaos.redis.kill()
+    r = chaos.http("POST", "/v1/jobs", json=SMOKE)
+    assert r.status_code == 503 and "Redis unreachable" in r.json()["detail"] and r.headers["Retry-After"]
+    ready = httpx.get(chaos.api.url + "/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["database"] == "ok" and "Redis" in ready.json()["redis"]
+    assert len(chaos.http("GET", "/v1/jobs").json()) == 2  # nothing half-made
+    chaos.redis.start()
+    assert sorted(chaos.queued_in_redis()) == sorted(ids)  # the AOF kept them
+    wait_until(lambda: httpx.get(chaos.api.url + "/readyz", timeout=5).status_code == 200, "ready again", 30)
+    ids.append(chaos.submit())
+    chaos.worker.start()
+    for job_id in ids:
+        chaos.check_intact(job_id)
+
+
+def test_database_cut_then_api_killed_while_a_job_runs(chaos: Chaos) -> None:
+    """While a job trains, (1) the link to PostgreSQL is cut for 12 s: the API answers 503 and /readyz
+    names the database, the worker keeps running and retries its writes; (2) the API gets kill -9 and
+    a new API process starts. A client polling all along sees the states in order (never back from
+    running to queued) and no 5xx outside the outage; the job ends with every epoch and its result
+    stored once."""
+    if not chaos.worker.alive:
+        chaos.worker.start()
+    job_id = chaos.submit(LONG)
+    seen: list[str] = []
+    errors: list[str] = []
+    outage = threading.Event()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                r = chaos.http("GET", f"/v1/jobs/{job_id}")
+            except httpx.TransportError:
+                time.sleep(0.2)  # the API is down: clients retry
+                continue
+            if r.status_code != 200 and not (outage.is_set() and r.status_code == 503):
+                errors.append(f"{r.status_code} {r.text[:200]}")
+            elif r.status_code == 200 and (not seen or seen[-1] != r.json()["status"]):
+                seen.append(r.json()["status"])
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        wait_until(lambda: len(chaos.epochs(job_id)) >= 2, "training under way", 240)
+        outage.set()
+        chaos.proxy.cut()
+        try:
+            r = chaos.http("GET", "/v1/jobs")
+            assert r.status_code == 503 and "database" in r.json()["detail"], r.text
+            ready = httpx.get(chaos.api.url + "/readyz", timeout=30)
+            assert ready.status_code == 503 and ready.json()["database"] != "ok"
+            time.sleep(12)
+            assert chaos.worker.alive and chaos.api.alive  # no crash loop
+        finally:
+            chaos.proxy.restore()
+        wait_until(lambda: httpx.get(chaos.api.url + "/readyz", timeout=5).status_code == 200, "ready again", 60)
+        outage.clear()
+        chaos.api.kill9()
+        time.sleep(2)
+        chaos.api.start()
+        chaos.check_intact(job_id, epochs=12)
+    finally:
+        stop.set()
+        poller.join(5)
+    assert errors == []
+    assert [ORDER[s] for s in seen] == sorted(ORDER[s] for s in seen) and seen[-1] == "succeeded", seen
+    assert "not stored" in (chaos.home / "worker.log").read_text()  # the worker did wait for the store
+
+
+def test_worker_killed_mid_epoch_is_picked_up_and_resumes(chaos: Chaos) -> None:
+    """kill -9 of the worker and its work horse mid-epoch; a new worker picks the job up once RQ's
+    heartbeat for it expires (bounded: heartbeat 2 s, maintenance every 5 s here) and resumes it."""
+    if not chaos.worker.alive:
+        chaos.worker.start()
+    job_id = chaos.submit({"spec": {**LONG["spec"], "seeds": [1]}})  # seed 0's backbone is stored: reused
+    wait_until(lambda: len(chaos.epochs(job_id)) >= 2, "training under way", 240)
+    chaos.worker.kill9()
+    killed = time.monotonic()
+    chaos.worker.start()
+    wait_until(lambda: chaos.job(job_id)["attempts"] == 2, "a new attempt", 180, 0.5)
+    picked_up_s = time.monotonic() - killed
+    assert picked_up_s < 150
+    job = chaos.check_intact(job_id, epochs=12)
+    assert job["attempts"] == 2
+    print(f"picked up {picked_up_s:.1f} s after the kill")
+
+
+def test_a_job_that_keeps_crashing_stops_after_its_retry_budget(chaos: Chaos) -> None:
+    """Every attempt crashes (its run folder is a file): the job runs 1 + INCO_JOB_RETRIES (2) times,
+    then ends failed with the last error."""
+    chaos.worker.stop()
+    job_id = chaos.submit()
+    run_dir = chaos.home / "artifacts" / "runs" / job_id
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.write_text("in the way")
+    chaos.worker.start()
+    job = chaos.wait(job_id, 300)
+    assert job["status"] == "failed" and job["attempts"] == 3, job
+    assert "Error" in job["error"] and "retry" not in job["error"], job["error"]
+    crashes = [m for m in chaos.http("GET", f"/v1/jobs/{job_id}/logs").json() if "attempt crashed" in m["message"]]
+    assert len(crashes) == 3
+
+
+def test_stuck_and_lost_jobs_are_found_and_run(chaos: Chaos) -> None:
+    """Redis loses everything (FLUSHALL) while the store holds a queued job and a running job whose
+    worker is gone (no heartbeat): a starting worker's recovery pass queues both again and runs them."""
+    chaos.worker.stop()
+    lost, stuck = chaos.submit(), chaos.submit()
+    with session_scope(chaos.engine) as s:
+        past = utcnow() - timedelta(hours=1)
+        for job_id in (lost, stuck):
+            job = s.get(Job, job_id)
+            job.created_at = past
+            if job_id == stuck:
+                job.status, job.attempts, job.started_at, job.heartbeat_at = JobStatus.running, 1, past, past
+            s.add(job)
+    from redis import Redis
+
+    Redis.from_url(chaos.redis.url).flushall()
+    chaos.worker.start()
+    chaos.check_intact(lost)
+    job = chaos.check_intact(stuck)
+    assert job["attempts"] == 2
+    with session_scope(chaos.engine) as s:
+        assert any("no heartbeat since" in m.message for m in access.list_logs(s, job_id=stuck))
+        assert any("the queue had lost it" in m.message for m in access.list_logs(s, job_id=lost))
+
+
+def test_no_secret_reaches_a_file(chaos: Chaos) -> None:
+    """The database password is in no file the service wrote: run folders, Ray Train state, logs."""
+    chaos.worker.stop()
+    hits = []
+    for path in chaos.home.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50 * 2**20 and SECRET.encode() in path.read_bytes():
+            hits.append(str(path.relative_to(chaos.home)))
+    assert hits == []
