@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -52,6 +52,20 @@ def job_path(job_id: str, tail: str = "") -> str:
     if not _JOB_ID.match(job_id):
         raise ClientError(f"no job {job_id!r}: job ids are letters and digits; list them with `inco jobs`")
     return f"/v1/jobs/{job_id}{tail}"
+
+
+ARCHIVE_SUFFIXES = {".zip": "application/zip", ".tar": "application/x-tar", ".tar.gz": "application/gzip"}
+
+
+def archive_type(path: Path) -> str:
+    """The Content-Type of an archive, from its name (``.zip``, ``.tar``, ``.tar.gz``/``.tgz``)."""
+    name = path.name.lower()
+    if name.endswith(".tgz"):
+        return ARCHIVE_SUFFIXES[".tar.gz"]
+    for suffix in (".tar.gz", ".zip", ".tar"):
+        if name.endswith(suffix):
+            return ARCHIVE_SUFFIXES[suffix]
+    raise ClientError(f"{path.name} is not a .zip, .tar or .tar.gz file: pack the class folders into one of these")
 
 
 def _detail(response: httpx.Response) -> str:
@@ -109,10 +123,25 @@ class ApiClient:
         self.http.close()
 
     # -- the one place requests are made ---------------------------------------------------------
-    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: Any = None,
+        content: IO[bytes] | None = None,
+        content_type: str | None = None,
+    ) -> Any:
+        """``body`` is sent as JSON; ``content`` (an open file, streamed) as ``content_type``."""
         params = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            response = self.http.request(method, path, params=params, json=body)
+            if content is not None:
+                response = self.http.request(
+                    method, path, params=params, content=content, headers={"Content-Type": str(content_type)}
+                )
+            else:
+                response = self.http.request(method, path, params=params, json=body)
         except httpx.ConnectError:
             raise ClientError(
                 f"cannot reach the InCo API at {self.base_url}: start it with `inco up` or set INCO_API_URL"
@@ -183,3 +212,17 @@ class ApiClient:
 
     def add_dataset(self, *, name: str, path: str) -> dict[str, Any]:
         return self.request("POST", "/v1/datasets", body={"name": name, "path": path})
+
+    def upload_dataset(self, *, name: str, archive: Path) -> dict[str, Any]:
+        """Stream a zip, tar or tar.gz of class folders to the server, which unpacks and registers it."""
+        content_type = archive_type(archive)
+        try:
+            handle = archive.open("rb")
+        except OSError as exc:
+            raise ClientError(
+                f"cannot read {archive} ({exc.strerror or exc}): pass the path of a .zip or .tar.gz"
+            ) from None
+        with handle:
+            return self.request(
+                "POST", "/v1/datasets", params={"name": name}, content=handle, content_type=content_type
+            )

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -483,6 +484,22 @@ def datasets_add(
         ds = api.add_dataset(name=name, path=path)
     Console(highlight=False).print(
         f"registered data set {ds['name']}: {ds['images']} images, {len(ds['classes'])} classes ({ds['path']})",
+        soft_wrap=True,
+    )
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    name: Annotated[str, typer.Argument(help="the name jobs use (`inco submit --dataset NAME`)")],
+    archive: Annotated[Path, typer.Argument(help="a .zip, .tar or .tar.gz of class folders of images")],
+) -> None:
+    """Upload an archive of class folders; the server unpacks it under its data root and registers it."""
+    if not archive.is_file():
+        _fail(f"no file {archive}: pass the path of a .zip, .tar or .tar.gz of class folders")
+    with _api() as api:
+        ds = api.upload_dataset(name=name, archive=archive)
+    Console(highlight=False).print(
+        f"uploaded data set {ds['name']}: {ds['images']} images, {len(ds['classes'])} classes ({ds['path']})",
         soft_wrap=True,
     )
 

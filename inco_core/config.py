@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -41,6 +42,11 @@ EvalMode = Literal["finetune", "linear"]
 PresetName = Literal["paper", "cpu", "smoke"]
 PRESETS: tuple[str, ...] = ("paper", "cpu", "smoke")
 MAX_RATIO = 256
+MAX_EPOCHS = 10_000
+MAX_OVERRIDES = 64  # keys of ``overrides``
+MAX_OVERRIDE_DEPTH = 8  # nesting of ``overrides`` (a TrainingConfig path is at most 4 deep)
+MAX_KEY_LENGTH = 200
+MAX_ERRORS_SHOWN = 10
 
 _RATIO_RE = re.compile(r"^\s*1\s*:\s*(\d+)\s*$")
 
@@ -51,9 +57,9 @@ def parse_ratio(text: str) -> int:
     Raises:
         ConfigError: the text is not ``1:N`` with 1 <= N <= 256.
     """
-    match = _RATIO_RE.match(str(text))
+    match = _RATIO_RE.match(str(text)) if len(str(text)) <= 32 else None
     if match is None:
-        raise ConfigError(f"ratio must look like 1:16 (got {str(text)!r})")
+        raise ConfigError(f"ratio must look like 1:16 (got {str(text)[:40]!r})")
     n = int(match.group(1))
     if not 1 <= n <= MAX_RATIO:
         raise ConfigError(f"ratio 1:N needs N between 1 and {MAX_RATIO} (got {str(text)!r})")
@@ -71,9 +77,10 @@ Ratio = Annotated[str, AfterValidator(_normalise_ratio)]
 
 
 class StrictModel(BaseModel):
-    """Unknown fields are errors, so a typo in an override never passes silently."""
+    """Unknown fields are errors, so a typo in an override never passes silently; NaN and
+    infinity are refused in every float field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class OptimConfig(StrictModel):
@@ -107,10 +114,11 @@ class AugmentConfig(StrictModel):
 
     @field_validator("crop_scale", "crop_ratio")
     @classmethod
-    def _ordered_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+    def _ordered_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
         lo, hi = v
-        if not 0 < lo <= hi:
-            raise ValueError(f"needs 0 < low <= high (got {lo}, {hi})")
+        top = 1.0 if info.field_name == "crop_scale" else 10.0
+        if not 0 < lo <= hi <= top:
+            raise ValueError(f"needs 0 < low <= high <= {top:g} (got {lo}, {hi})")
         return v
 
 
@@ -119,8 +127,8 @@ class InCoConfig(StrictModel):
 
     views: int = Field(5, ge=2, le=64, description="K, augmented views per image")
     temperature: float = Field(1.0, gt=0, le=100, description="T of the BID softmax")
-    t1: float | None = Field(None, ge=0, description="epoch where weight(t) starts to rise")
-    t2: float | None = Field(None, gt=0, description="epoch where weight(t) reaches a_f")
+    t1: float | None = Field(None, ge=0, le=MAX_EPOCHS, description="epoch where weight(t) starts to rise")
+    t2: float | None = Field(None, gt=0, le=MAX_EPOCHS, description="epoch where weight(t) reaches a_f")
     a_f: float = Field(1.0, ge=0, le=1000, description="final DWV weight; 0 = InCo without DWV")
     dwv_reduction: Literal["mean", "sum"] = Field(
         "mean", description="square of eq. 2 averaged (default) or summed over embedding dims"
@@ -161,7 +169,7 @@ class SimSiamConfig(StrictModel):
 
 
 class PretrainConfig(StrictModel):
-    epochs: int = Field(ge=1, le=10_000)
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(64, ge=2, le=8192, description="global batch (n of BID)")
     optim: OptimConfig = OptimConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -169,7 +177,7 @@ class PretrainConfig(StrictModel):
         "train", description="pretrain on all training images, or on the labelled subset only"
     )
     max_images: int | None = Field(
-        None, ge=2, description="pretrain on a seeded sample of this many images (smoke runs)"
+        None, ge=2, le=10_000_000, description="pretrain on a seeded sample of this many images (smoke runs)"
     )
     knn_every: int = Field(1, ge=0, le=10_000, description="kNN monitor period; 0 turns it off")
     knn_k: int = Field(20, ge=1, le=1000)
@@ -182,7 +190,7 @@ class PretrainConfig(StrictModel):
 class EvalConfig(StrictModel):
     """Fine-tuning (whole network) or linear evaluation (frozen backbone) on the labelled subset."""
 
-    epochs: int = Field(ge=1, le=10_000)
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(64, ge=2, le=8192)
     optim: OptimConfig = OptimConfig(lr=0.03, weight_decay=5e-4)
     backbone_lr_scale: float = Field(0.1, ge=0, le=10, description="fine-tune: backbone lr = head lr x this")
@@ -258,13 +266,17 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """``loc: message; ...`` for the first :data:`MAX_ERRORS_SHOWN` errors, then how many more."""
     parts = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_ERRORS_SHOWN]:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field; check the spelling against the run spec's fields"
         parts.append(f"{prefix}{loc}: {msg}" if loc else msg)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        parts.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more errors")
     return "; ".join(parts)
 
 
@@ -281,6 +293,11 @@ class DataSpec(StrictModel):
     )
     split_seed: int = Field(0, ge=0, le=2**31 - 1)
     train_fraction: float = Field(0.6, gt=0, lt=1)
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail",
+        description="an image that cannot be decoded fails the job, naming the file ('fail'), "
+        "or is left out with a warning that lists it ('skip')",
+    )
 
 
 class Resources(StrictModel):
@@ -295,13 +312,15 @@ class RunSpec(StrictModel):
     method: MethodName = "inco"
     data: DataSpec = DataSpec()
     ratios: list[Ratio] = Field(default_factory=lambda: ["1:16"], min_length=1, max_length=16)
-    evals: list[EvalMode] = Field(default_factory=lambda: ["finetune"], min_length=1)
+    evals: list[EvalMode] = Field(default_factory=lambda: ["finetune"], min_length=1, max_length=2)
     preset: PresetName = "cpu"
     optimizer: Literal["default", "paper-literal"] = Field(
         "default", description="pretraining optimiser: ours, or the paper's Adam at lr 0.3"
     )
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="fields of the preset to change, nested or dotted"
+        default_factory=dict,
+        max_length=MAX_OVERRIDES,
+        description="fields of the preset to change, nested or dotted",
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=32)
     resources: Resources = Resources()
@@ -311,6 +330,26 @@ class RunSpec(StrictModel):
     def _unique(cls, v: list[Any]) -> list[Any]:
         if len(set(v)) != len(v):
             raise ValueError(f"list has repeated entries: {v}")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _small_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # bounded before anything recurses into it: a deep dict would exhaust the stack
+        stack: list[tuple[dict[str, Any], int]] = [(v, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > MAX_OVERRIDE_DEPTH:
+                raise ValueError(
+                    f"nested more than {MAX_OVERRIDE_DEPTH} levels deep; name fields like 'pretrain.epochs'"
+                )
+            if len(node) > MAX_OVERRIDES:
+                raise ValueError(f"a level has {len(node)} keys, more than {MAX_OVERRIDES}; change fewer fields")
+            for key, value in node.items():
+                if len(str(key)) > MAX_KEY_LENGTH:
+                    raise ValueError(f"key {str(key)[:40]!r}... is longer than {MAX_KEY_LENGTH} characters")
+                if isinstance(value, dict):
+                    stack.append((value, depth + 1))
         return v
 
     @field_validator("seeds")
@@ -328,7 +367,10 @@ class RunSpec(StrictModel):
                 "supervised trains from scratch on the labelled images and has no pretrained "
                 "backbone to evaluate linearly; use evals ['finetune']"
             )
-        self.resolve()  # overrides must produce a valid config
+        try:
+            self.resolve()  # overrides must produce a valid config
+        except ConfigError as exc:  # a field error of the spec, so a caller's model names where it is
+            raise ValueError(str(exc)) from None
         return self
 
     def resolve(self) -> TrainingConfig:

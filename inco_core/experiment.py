@@ -139,7 +139,12 @@ def load_split(spec: RunSpec, cfg: TrainingConfig, cache_dir: Path | None) -> tu
     """The spec's images (decoded once into ``cache_dir/images``) and its train/test split."""
     if not spec.data.path:
         raise ConfigError("the run spec names no image folder: set data.path (inco run --data PATH)")
-    ds = load_images(spec.data.path, cfg.image_size, cache_dir=cache_dir / "images" if cache_dir else None)
+    ds = load_images(
+        spec.data.path,
+        cfg.image_size,
+        cache_dir=cache_dir / "images" if cache_dir else None,
+        on_corrupt=spec.data.on_corrupt,
+    )
     split = stratified_split(
         ds.labels, ds.file_hashes, ds.classes, train_fraction=spec.data.train_fraction, seed=spec.data.split_seed
     )

@@ -79,6 +79,7 @@ def test_submit_list_get_cancel(client: TestClient, tokens: dict[str, str], redi
         "dataset": "default",
         "split_seed": 0,
         "train_fraction": 0.6,
+        "on_corrupt": "fail",
     }
     assert Queue(settings.queue, connection=redis_db).job_ids == [job["id"]]  # the queue carries the id
     h = auth(tokens["alpha"])
