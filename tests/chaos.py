@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from sqlalchemy import create_engine, text
 
+from cli.stack import descendants
 from server.store.db import make_engine, migrate
 from tests.service_fixtures import PG_ADMIN, auth, make_team
 
@@ -203,12 +204,14 @@ class Process:
             )
 
     def kill9(self) -> None:
-        """``kill -9`` of the process and everything it started (a worker's work horse and Ray head)."""
+        """``kill -9`` of the process and every process under it, as when its machine goes down (an RQ
+        work horse runs in a session of its own, so the process group alone would miss it)."""
         if self.proc is None:
             return
         self.kills += 1
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait(10)
         self.proc = None
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from redis import Redis
 from sqlalchemy import create_engine, text
 from sqlmodel import SQLModel
@@ -95,3 +96,21 @@ def make_team(engine, name: str, scopes: list[str] | None = None) -> str:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The API in-process on ``settings`` (its lifespan runs the migrations)."""
+    from server.api.app import create_app
+
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def team_with_dataset(client: TestClient, name: str = "alpha", *, path: str = "neu-cls") -> str:
+    """A token (every scope) of a new team that has ``path`` (under the data root) registered as
+    data set ``default``."""
+    token = make_team(client.app.state.engine, name)
+    r = client.post("/v1/datasets", json={"name": "default", "path": path}, headers=auth(token))
+    assert r.status_code == 201, r.text
+    return token

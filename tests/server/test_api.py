@@ -4,7 +4,6 @@ validation messages."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,26 +15,16 @@ from server.api.app import create_app
 from server.settings import Settings
 from server.store import access
 from server.store.db import session_scope
-from tests.service_fixtures import auth, make_team
+from tests.service_fixtures import auth, team_with_dataset
 
 pytestmark = pytest.mark.integration
 SMOKE = {"spec": {"ratios": ["1:16"], "preset": "smoke"}}
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
-@pytest.fixture
 def tokens(client: TestClient) -> dict[str, str]:
     """Two teams, each with the NEU-CLS images registered as 'default'."""
-    out = {name: make_team(client.app.state.engine, name) for name in ("alpha", "beta")}
-    for token in out.values():
-        r = client.post("/v1/datasets", json={"name": "default", "path": "neu-cls"}, headers=auth(token))
-        assert r.status_code == 201, r.text
-    return out
+    return {name: team_with_dataset(client, name) for name in ("alpha", "beta")}
 
 
 def _submit(client: TestClient, token: str, body: dict | None = None) -> dict:

@@ -20,7 +20,7 @@ from server.api.app import create_app
 from server.settings import Settings
 from server.store import access
 from server.store.db import session_scope
-from tests.service_fixtures import REDIS_TEST, auth, make_team
+from tests.service_fixtures import REDIS_TEST, auth, make_team, team_with_dataset
 
 pytestmark = pytest.mark.integration
 SMOKE = {"spec": {"ratios": ["1:16"], "preset": "smoke"}}
@@ -55,18 +55,9 @@ def settings(tmp_path: Path, db_url: str, redis_db: Redis, small_root: Path) -> 
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
-@pytest.fixture
 def token(client: TestClient) -> str:
     """Team alpha with a small data set registered as 'default', so a valid job would be accepted."""
-    token = make_team(client.app.state.engine, "alpha")
-    r = client.post("/v1/datasets", json={"name": "default", "path": "small"}, headers=auth(token))
-    assert r.status_code == 201, r.text
-    return token
+    return team_with_dataset(client, path="small")
 
 
 def _nothing_stored(client: TestClient, token: str, redis: Redis, settings: Settings) -> None:

@@ -8,7 +8,7 @@ fails :func:`test_every_v1_route_has_a_cross_team_check`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -16,8 +16,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.routing import BaseRoute, Route
 
-from server.api.app import create_app
-from server.settings import Settings
 from server.store import access
 from server.store.db import session_scope
 from server.store.models import Artifact
@@ -47,12 +45,6 @@ class TeamB:
     def secrets(self) -> list[str]:
         """Strings that must never appear in an answer to team A."""
         return [self.job_id, self.dataset, self.artifact_key, self.prefix]
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from server.settings import Settings
 from server.store import access
 from server.store.db import session_scope
 from server.store.models import JobStatus
-from tests.service_fixtures import auth, make_team
+from tests.service_fixtures import auth, make_team, team_with_dataset
 from worker.logs import job_logging, team_of
 
 pytestmark = pytest.mark.integration
@@ -38,17 +38,8 @@ NAMES = (
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
-@pytest.fixture
 def token(client: TestClient) -> str:
-    token = make_team(client.app.state.engine, "alpha")
-    r = client.post("/v1/datasets", json={"name": "default", "path": "neu-cls"}, headers=auth(token))
-    assert r.status_code == 201, r.text
-    return token
+    return team_with_dataset(client)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,12 +30,6 @@ from tests.service_fixtures import auth, make_team
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = {"spec": {"ratios": ["1:16"], "preset": "smoke"}}
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 def _with_data(client: TestClient, token: str) -> str:

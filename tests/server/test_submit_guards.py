@@ -15,7 +15,7 @@ from server.api.app import create_app
 from server.settings import Settings
 from server.store import access
 from server.store.db import session_scope
-from tests.service_fixtures import auth, make_team
+from tests.service_fixtures import auth, team_with_dataset
 
 pytestmark = pytest.mark.integration
 SMOKE = {"spec": {"ratios": ["1:16"], "preset": "smoke"}}
@@ -29,10 +29,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 @pytest.fixture
 def token(client: TestClient) -> str:
-    token = make_team(client.app.state.engine, "alpha")
-    r = client.post("/v1/datasets", json={"name": "default", "path": "neu-cls"}, headers=auth(token))
-    assert r.status_code == 201, r.text
-    return token
+    return team_with_dataset(client)
 
 
 def _queued(redis: Redis, settings: Settings) -> int:
@@ -67,8 +64,7 @@ def test_a_key_reused_for_another_request_is_a_409(client: TestClient, token: st
 
 
 def test_keys_belong_to_a_team(client: TestClient, token: str) -> None:
-    beta = make_team(client.app.state.engine, "beta")
-    assert client.post("/v1/datasets", json={"name": "default", "path": "neu-cls"}, headers=auth(beta)).is_success
+    beta = team_with_dataset(client, "beta")
     a = client.post("/v1/jobs", json=SMOKE, headers={**auth(token), "Idempotency-Key": "shared"})
     b = client.post("/v1/jobs", json=SMOKE, headers={**auth(beta), "Idempotency-Key": "shared"})
     assert a.status_code == b.status_code == 201 and a.json()["id"] != b.json()["id"]

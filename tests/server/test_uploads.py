@@ -10,7 +10,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 
 from cli.client import ApiClient, ClientError, archive_type
 from server import archives
-from server.api.app import create_app
 from server.errors import Conflict, TooLarge
 from server.settings import Settings
 from server.store import access
@@ -48,12 +47,6 @@ def settings(tmp_path: Path, root: Path, redis_db: Redis) -> Settings:
         data_root=root,
         queue=f"inco-test-{secrets.token_hex(3)}",
     )
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 @pytest.fixture
