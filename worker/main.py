@@ -7,6 +7,7 @@ the worker down, and RQ's heartbeat tells a dead worker apart from a long job. T
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
 from rq import Worker
 
 from server import queue
@@ -141,21 +143,12 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     if not logging.getLogger().handlers:  # `inco worker` set it up already; RQ's own setup would be plain text
         setup_logging(settings.log_format)
     engine = make_engine(settings.db_url)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if schema_is_current(engine):
-                break
-        except Exception as exc:
-            log.warning("store not ready: %s", exc)
-        if time.monotonic() > deadline:
-            raise ServiceUnavailable(
-                f"the store at {engine.url!r} is not at the newest schema: run `inco serve` or `inco up` first"
-            )
-        time.sleep(1)
+    wait_for(
+        "the store", lambda: schema_is_current(engine), f"{engine.url!r} at the newest schema (inco serve migrates it)"
+    )
     engine.dispose()
     redis = queue.connect(settings.redis_url)
-    queue.ping(redis)
+    wait_for("Redis", lambda: redis.ping(), settings.redis_url.rsplit("@", 1)[-1])
     ray_proc = None
     if not os.environ.get("RAY_ADDRESS"):
         ray_proc, address = start_local_ray(settings.home)
@@ -164,19 +157,46 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         log.info("started a local Ray head at %s", address)
     engine = make_engine(settings.db_url)
     try:
-        worker = InCoWorker(
-            [settings.queue],
-            connection=redis,
-            name=name or f"inco-{socket.gethostname()}-{os.getpid()}",
-            exception_handlers=[mark_failed_when_retries_run_out],
-            job_monitoring_interval=settings.heartbeat_s,
-            maintenance_interval=settings.maintenance_s,
-            worker_ttl=settings.maintenance_s + 15,  # an idle worker waits this - 15 s for a job, then maintains
-        )
-        worker.inco_settings, worker.inco_engine = settings, engine
-        reconcile(engine, redis, settings)
-        worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        for serving in itertools.count():
+            worker = InCoWorker(
+                [settings.queue],
+                connection=redis,
+                # a new name after a lost Redis: the old one may still be registered (Redis kept it in its AOF)
+                name=(name or f"inco-{socket.gethostname()}-{os.getpid()}") + (f"-{serving}" if serving else ""),
+                exception_handlers=[mark_failed_when_retries_run_out],
+                job_monitoring_interval=settings.heartbeat_s,
+                maintenance_interval=settings.maintenance_s,
+                worker_ttl=settings.maintenance_s + 15,  # an idle worker waits this - 15 s for a job, then maintains
+            )
+            worker.inco_settings, worker.inco_engine = settings, engine
+            reconcile(engine, redis, settings)
+            try:
+                worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+            except RedisError as exc:  # RQ quits when Redis goes away (even mid-job) and then fails to say so
+                log.warning("lost Redis: %s", exc)
+            if burst or worker._stop_requested:
+                break
+            # RQ quit on an error (Redis went away while a job ran: its work horse carries on and reports to
+            # Redis once it is back): wait for Redis, then serve the queue again instead of exiting
+            wait_for("Redis", lambda: redis.ping(), settings.redis_url.rsplit("@", 1)[-1])
     finally:
         engine.dispose()
         if ray_proc is not None:
             stop_local_ray(ray_proc, grace_s=30)
+
+
+def wait_for(what: str, ready: Any, where: str, every_s: float = 2.0) -> None:
+    """Poll ``ready()`` until it is true, logging every 30 s: a worker whose store or Redis is down
+    waits for it instead of exiting (and being restarted in a loop by its supervisor)."""
+    said = 0.0
+    while True:
+        try:
+            if ready():
+                return
+            why = "not ready"
+        except Exception as exc:
+            why = f"{exc.__class__.__name__}"
+        if time.monotonic() - said > 30:
+            log.warning("waiting for %s (%s): %s", what, where, why)
+            said = time.monotonic()
+        time.sleep(every_s)

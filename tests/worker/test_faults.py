@@ -55,6 +55,28 @@ def test_redis_killed_and_restarted_keeps_the_queue(chaos: Chaos) -> None:
         chaos.check_intact(job_id)
 
 
+def test_redis_killed_while_a_job_runs(chaos: Chaos) -> None:
+    """Redis is killed for 5 s while a job trains: the worker process does not exit (RQ itself quits
+    on a lost Redis; `inco worker` waits for it and serves again), the job's work horse finishes it,
+    and a job submitted afterwards runs too."""
+    if not chaos.worker.alive:
+        chaos.worker.start()
+    pid = chaos.worker.proc.pid
+    job_id = chaos.submit({"spec": {**LONG["spec"], "seeds": [2]}})
+    wait_until(lambda: len(chaos.epochs(job_id)) >= 2, "training under way", 240)
+    chaos.redis.kill()
+    time.sleep(5)
+    chaos.redis.start()
+    after = chaos.submit({"spec": {**SMOKE["spec"], "seeds": [2]}})
+    chaos.check_intact(job_id, epochs=12)
+    chaos.check_intact(after)
+    assert chaos.worker.alive and chaos.worker.proc.pid == pid
+    assert (
+        "lost Redis" in (chaos.home / "worker.log").read_text()
+        or "waiting for Redis" in (chaos.home / "worker.log").read_text()
+    )
+
+
 def test_database_cut_then_api_killed_while_a_job_runs(chaos: Chaos) -> None:
     """While a job trains, (1) the link to PostgreSQL is cut for 12 s: the API answers 503 and /readyz
     names the database, the worker keeps running and retries its writes; (2) the API gets kill -9 and
