@@ -151,7 +151,7 @@ class TcpProxy:
                     if not data:
                         return
                     (b if src is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # cut() closed the sockets under us (select raises ValueError on fd -1)
             return
         finally:
             for s in (a, b):
@@ -252,11 +252,13 @@ class Api(Process):
 class Chaos:
     """A running service to inject faults into (see :func:`chaos_service`), with polling helpers."""
 
-    def __init__(self, home: Path, redis: RedisServer, proxy: TcpProxy, db: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, home: Path, redis: RedisServer, proxy: TcpProxy, db: str, env: dict[str, str], *, observer_db: str
+    ) -> None:
         self.home, self.redis, self.proxy, self.db, self.env = home, redis, proxy, db, env
         self.api = Api(env, home / "api.log")
         self.worker = Process(["worker"], env, home / "worker.log")
-        self.engine = make_engine(db)
+        self.engine = make_engine(observer_db)  # the test's own view of the store: not through the proxy
         self.token = ""
 
     @property
@@ -345,7 +347,7 @@ def chaos_service(home: Path, neu_path: Path, ray_env: dict[str, str], *, db_pas
         "INCO_LOG_FORMAT": "text",
         "INCO_TRAIN_RESTARTS": "0",
     }
-    svc = Chaos(home, redis, proxy, db, env)
+    svc = Chaos(home, redis, proxy, db, env, observer_db=PG_ADMIN.rsplit("/", 1)[0] + f"/{name}")
     migrate(svc.engine)
     svc.token = make_team(svc.engine, "alpha")
     svc.api.start()
