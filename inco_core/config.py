@@ -305,6 +305,16 @@ class Resources(StrictModel):
     workers: int = Field(1, ge=1, le=256)
     gpus_per_worker: float = Field(0, ge=0, le=16)
 
+    @property
+    def gpus_each(self) -> float:
+        """GPUs each worker holds: ``gpus_per_worker``, or one when the device is ``cuda``."""
+        return self.gpus_per_worker or (1 if self.device == "cuda" else 0)
+
+    @property
+    def gpus(self) -> float:
+        """GPUs the whole job holds."""
+        return self.workers * self.gpus_each
+
 
 class RunSpec(StrictModel):
     """One job: a method, pretrained once per seed, evaluated at each ratio and evaluation."""

@@ -25,11 +25,10 @@ import httpx
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from sqlalchemy import create_engine, text
 
 from cli.stack import descendants
 from server.store.db import make_engine, migrate
-from tests.service_fixtures import PG_ADMIN, auth, make_team
+from tests.service_fixtures import PG_ADMIN, auth, make_team, pg_host_port, scratch_database
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_CONF = REPO / "deploy" / "redis" / "redis.conf"
@@ -322,46 +321,38 @@ def chaos_service(home: Path, neu_path: Path, ray_env: dict[str, str], *, db_pas
     """The API and a worker as processes, a private AOF Redis, and a PostgreSQL database of its own
     reached through a :class:`TcpProxy` (with a password in its URL, to check it never leaks), team
     ``alpha`` with the NEU-CLS images as data set ``default``. Short heartbeats so faults show fast."""
-    name = f"inco_faults_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    pg = PG_ADMIN.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[1]
-    host, port = pg.split(":")
-    proxy = TcpProxy(host, int(port)).start()
-    db = f"postgresql://postgres:{db_password}@127.0.0.1:{proxy.port}/{name}"
-    redis = RedisServer(home / "redis")
-    redis.start()
-    env = {
-        **os.environ,
-        **ray_env,
-        "INCO_HOME": str(home),
-        "INCO_DATABASE_URL": db,
-        "INCO_REDIS_URL": redis.url,
-        "INCO_DATA_ROOT": str(neu_path.parent),
-        "INCO_QUEUE": f"inco-chaos-{secrets.token_hex(3)}",
-        "INCO_CPUS_PER_WORKER": "2",
-        "INCO_HEARTBEAT_S": "2",
-        "INCO_MAINTENANCE_S": "5",
-        "INCO_STALE_AFTER_S": "30",
-        "INCO_LOG_FORMAT": "text",
-        "INCO_TRAIN_RESTARTS": "0",
-    }
-    svc = Chaos(home, redis, proxy, db, env, observer_db=PG_ADMIN.rsplit("/", 1)[0] + f"/{name}")
-    migrate(svc.engine)
-    svc.token = make_team(svc.engine, "alpha")
-    svc.api.start()
-    r = svc.http("POST", "/v1/datasets", json={"name": "default", "path": neu_path.name})
-    if r.status_code != 201:
-        raise RuntimeError(f"registering the data set failed: {r.text}")
-    try:
-        yield svc
-    finally:
-        svc.worker.stop()
-        svc.api.stop()
-        redis.kill()
-        proxy.close()
-        svc.engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database("inco_faults") as name:
+        proxy = TcpProxy(*pg_host_port()).start()
+        db = f"postgresql://postgres:{db_password}@127.0.0.1:{proxy.port}/{name}"
+        redis = RedisServer(home / "redis")
+        redis.start()
+        env = {
+            **os.environ,
+            **ray_env,
+            "INCO_HOME": str(home),
+            "INCO_DATABASE_URL": db,
+            "INCO_REDIS_URL": redis.url,
+            "INCO_DATA_ROOT": str(neu_path.parent),
+            "INCO_QUEUE": f"inco-chaos-{secrets.token_hex(3)}",
+            "INCO_CPUS_PER_WORKER": "2",
+            "INCO_HEARTBEAT_S": "2",
+            "INCO_MAINTENANCE_S": "5",
+            "INCO_STALE_AFTER_S": "30",
+            "INCO_LOG_FORMAT": "text",
+            "INCO_TRAIN_RESTARTS": "0",
+        }
+        svc = Chaos(home, redis, proxy, db, env, observer_db=PG_ADMIN.rsplit("/", 1)[0] + f"/{name}")
+        migrate(svc.engine)
+        svc.token = make_team(svc.engine, "alpha")
+        svc.api.start()
+        r = svc.http("POST", "/v1/datasets", json={"name": "default", "path": neu_path.name})
+        if r.status_code != 201:
+            raise RuntimeError(f"registering the data set failed: {r.text}")
+        try:
+            yield svc
+        finally:
+            svc.worker.stop()
+            svc.api.stop()
+            redis.kill()
+            proxy.close()
+            svc.engine.dispose()

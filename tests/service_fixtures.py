@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,21 +23,35 @@ PG_ADMIN = os.environ.get("INCO_TEST_POSTGRES", "postgresql+psycopg://postgres@1
 REDIS_TEST = os.environ.get("INCO_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database on the server of ``PG_ADMIN``, dropped at the end: its name."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        except Exception as exc:
+            pytest.fail(f"PostgreSQL at {PG_ADMIN} is needed (scripts/services.sh starts it): {exc}")
+        yield name
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def pg_host_port() -> tuple[str, int]:
+    """Host and port of the PostgreSQL server of ``PG_ADMIN`` (for a proxy in front of it)."""
+    host, port = PG_ADMIN.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[1].split(":")
+    return host, int(port)
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A PostgreSQL database of its own for this test session, dropped at the end."""
-    name = f"inco_test_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL at {PG_ADMIN} is needed (scripts/services.sh starts it): {exc}")
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_database("inco_test") as name:
+        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
 
 
 def _empty(url: str) -> None:

@@ -60,7 +60,7 @@ def check_resources(spec: RunSpec, cpus_per_worker: int) -> int:
 
     have = ray.cluster_resources()
     res = spec.resources
-    gpus = res.workers * (res.gpus_per_worker or (1 if res.device == "cuda" else 0))
+    gpus = res.gpus
     if gpus > have.get("GPU", 0):
         raise ConfigError(
             f"the job asks for {gpus:g} GPU(s) but the Ray cluster has {have.get('GPU', 0):g}: "
@@ -147,7 +147,7 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
         cpus = check_resources(spec, settings.cpus_per_worker)
         res = spec.resources
         with session_scope(engine) as s:
-            gpus = f", {res.gpus_per_worker or 1:g} GPU(s)" if res.gpus_per_worker or res.device == "cuda" else ""
+            gpus = f", {res.gpus_each:g} GPU(s)" if res.gpus_each else ""
             access.add_log(s, job_id=job_id, message=f"training on {res.workers} workers of {cpus} CPU(s){gpus} each")
 
         def restarting(n: int, cause: BaseException) -> None:

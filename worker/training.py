@@ -114,10 +114,10 @@ def root_cause(exc: BaseException) -> BaseException:
 def scaling_config(spec: RunSpec, cpus_per_worker: int) -> ScalingConfig:
     """``resources.workers`` Ray Train workers of ``cpus_per_worker`` CPUs (and their GPUs)."""
     res = spec.resources
-    use_gpu = res.gpus_per_worker > 0 or res.device == "cuda"
+    use_gpu = res.gpus_each > 0
     per_worker: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker or 1
+        per_worker["GPU"] = res.gpus_each
     return ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker)
 
 

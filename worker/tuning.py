@@ -233,9 +233,8 @@ def max_concurrent(settings: TuneSettings, spec: RunSpec, cpus_per_worker: int) 
     have = ray.cluster_resources()
     res = spec.resources
     fits = int(have.get("CPU", 1)) // max(1, res.workers * cpus_per_worker)
-    gpus = res.gpus_per_worker or (1 if res.device == "cuda" else 0)
-    if gpus:
-        fits = min(fits, int(have.get("GPU", 0) // (res.workers * gpus)))
+    if res.gpus:
+        fits = min(fits, int(have.get("GPU", 0) // res.gpus))
     return max(1, min(fits, settings.trials))
 
 

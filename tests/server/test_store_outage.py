@@ -5,19 +5,17 @@ database answers again."""
 from __future__ import annotations
 
 import gc
-import secrets
 import time
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from server.api.app import create_app
 from server.settings import Settings
 from server.store.db import make_engine
 from tests.chaos import TcpProxy, wait_until
-from tests.service_fixtures import PG_ADMIN, auth, make_team
+from tests.service_fixtures import auth, make_team, pg_host_port, scratch_database
 
 # connections the cut left broken are garbage-collected by psycopg with a warning: expected here
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
@@ -32,20 +30,12 @@ def _collect_broken_connections() -> Iterator[None]:
 
 @pytest.fixture
 def pg_behind_proxy() -> Iterator[tuple[TcpProxy, str]]:
-    name = f"inco_outage_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    host_port = PG_ADMIN.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[1]
-    host, port = host_port.split(":")
-    proxy = TcpProxy(host, int(port))
-    try:
-        yield proxy, f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
-    finally:
-        proxy.close()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database("inco_outage") as name:
+        proxy = TcpProxy(*pg_host_port())
+        try:
+            yield proxy, f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
+        finally:
+            proxy.close()
 
 
 def test_an_api_started_before_its_database_waits_for_it(

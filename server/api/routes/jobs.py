@@ -46,9 +46,7 @@ def request_hash(body: JobCreate) -> str:
 
 
 def job_gpus(spec: RunSpec) -> int:
-    res = spec.resources
-    per_worker = res.gpus_per_worker or (1 if res.device == "cuda" else 0)
-    return math.ceil(res.workers * per_worker)
+    return math.ceil(spec.resources.gpus)
 
 
 def _check_limits(session: Session, team: Team, settings: Settings, gpus: int) -> None:
