@@ -146,7 +146,6 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     wait_for(
         "the store", lambda: schema_is_current(engine), f"{engine.url!r} at the newest schema (inco serve migrates it)"
     )
-    engine.dispose()
     redis = queue.connect(settings.redis_url)
     wait_for("Redis", lambda: redis.ping(), settings.redis_url.rsplit("@", 1)[-1])
     ray_proc = None
@@ -155,7 +154,6 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         os.environ.update(ray_env(settings.home))
         os.environ["RAY_ADDRESS"] = address
         log.info("started a local Ray head at %s", address)
-    engine = make_engine(settings.db_url)
     try:
         for serving in itertools.count():
             worker = InCoWorker(
