@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func
+from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -210,46 +211,59 @@ def get_job(session: Session, *, job_id: str, team_id: int | None) -> Job:
     # an id that cannot exist is not sent to the database (PostgreSQL refuses NUL bytes with an error)
     job = session.get(Job, job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None or (team_id is not None and job.team_id != team_id):
-        raise NotFound(f"no job {job_id!r}: list your jobs with GET /v1/jobs (inco jobs)")
+        raise _no_job(job_id)
     return job
 
 
-def list_jobs(
-    session: Session, *, team_id: int, status: JobStatus | None = None, limit: int = 50, offset: int = 0
-) -> list[Job]:
-    query = select(Job).where(Job.team_id == team_id)
+def _no_job(job_id: str) -> NotFound:
+    return NotFound(f"no job {job_id!r}: list your jobs with GET /v1/jobs (inco jobs)")
+
+
+# the columns a job shows through the API, and how many results it has, read as plain rows: loading
+# ORM objects for a page of jobs cost most of a request's CPU (bench/load.py, bench/results/load-cpu.md)
+_JOB_PUBLIC_FIELDS = tuple(f for f in JobPublic.model_fields if f not in ("team", "results"))
+
+
+def _public_columns() -> list[Any]:
+    jobs = Job.__table__.c  # type: ignore[attr-defined]
+    counts = (
+        core_select(func.count())
+        .select_from(Result)
+        .where(col(Result.job_id) == jobs.id)
+        .scalar_subquery()
+        .label("results")
+    )
+    return [*(jobs[name] for name in _JOB_PUBLIC_FIELDS), counts]
+
+
+def job_public(session: Session, job: Job, *, team: str) -> JobPublic:
+    """One job as the API shows it (``team``: its team's name), with its result count."""
+    results = session.exec(select(func.count()).select_from(Result).where(Result.job_id == job.id)).one()
+    return JobPublic.model_validate(
+        {**{name: getattr(job, name) for name in _JOB_PUBLIC_FIELDS}, "team": team, "results": results}
+    )
+
+
+def read_job_public(session: Session, *, job_id: str, team_id: int, team: str) -> JobPublic:
+    """Job ``job_id`` of the team as the API shows it, read without loading an ORM object."""
+    row = None
+    if JOB_ID.fullmatch(job_id):
+        query = core_select(*_public_columns()).where(Job.id == job_id, Job.team_id == team_id)
+        row = session.connection().execute(query).first()
+    if row is None:
+        raise _no_job(job_id)
+    return JobPublic.model_validate({**row._asdict(), "team": team})
+
+
+def list_jobs_public(
+    session: Session, *, team_id: int, team: str, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+) -> list[JobPublic]:
+    """A page of the team's jobs, newest first, as the API shows them: one query, no ORM objects."""
+    query = core_select(*_public_columns()).where(Job.team_id == team_id)
     if status is not None:
         query = query.where(Job.status == status)
     query = query.order_by(col(Job.created_at).desc(), col(Job.id)).offset(offset).limit(limit)
-    return list(session.exec(query).all())
-
-
-def job_public(session: Session, job: Job) -> JobPublic:
-    return jobs_public(session, [job])[0]
-
-
-def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
-    """Jobs as the API shows them, with team names and result counts: one query for the page's counts,
-    and one for the team names unless the session holds those teams already (the API's session holds the
-    caller's team, loaded when its token was checked)."""
-    if not jobs:
-        return []
-    ids = [j.id for j in jobs]
-    counts = dict(
-        session.exec(
-            select(Result.job_id, func.count()).where(col(Result.job_id).in_(ids)).group_by(col(Result.job_id))
-        ).all()
-    )
-    teams = {t.id: t.name for t in session.identity_map.values() if isinstance(t, Team)}
-    missing = {j.team_id for j in jobs} - teams.keys()
-    if missing:
-        teams.update(session.exec(select(Team.id, Team.name).where(col(Team.id).in_(missing))).all())
-    return [
-        JobPublic.model_validate(
-            {**j.model_dump(warnings=False), "team": teams.get(j.team_id, "?"), "results": counts.get(j.id, 0)}
-        )
-        for j in jobs
-    ]
+    return [JobPublic.model_validate({**row._asdict(), "team": team}) for row in session.connection().execute(query)]
 
 
 def delete_job(session: Session, *, job_id: str) -> None:
@@ -417,6 +431,12 @@ _RESULT_FIELDS = (
 )
 
 
+def _result_filters(team_id: int, **filters: str | None) -> list[Any]:
+    """WHERE clauses of a team's results matching the filters that are given (column name -> value)."""
+    table = Result.__table__.c  # type: ignore[attr-defined]
+    return [table.team_id == team_id, *(table[name] == value for name, value in filters.items() if value is not None)]
+
+
 def list_results(
     session: Session,
     *,
@@ -428,24 +448,41 @@ def list_results(
     dataset: str | None = None,
     job_id: str | None = None,
 ) -> list[Result]:
-    query = select(Result).where(Result.team_id == team_id)
-    for column, value in (
-        (Result.method, method),
-        (Result.ratio, ratio),
-        (Result.eval, eval),
-        (Result.preset, preset),
-        (Result.dataset, dataset),
-        (Result.job_id, job_id),
-    ):
-        if value is not None:
-            query = query.where(column == value)
-    return list(session.exec(query.order_by(col(Result.id))).all())
+    where = _result_filters(
+        team_id, method=method, ratio=ratio, eval=eval, preset=preset, dataset=dataset, job_id=job_id
+    )
+    return list(session.exec(select(Result).where(*where).order_by(col(Result.id))).all())
 
 
-def leaderboard(rows: list[Result]) -> list[LeaderboardRow]:
-    """Group by (data set, preset, setup, variant, ratio, evaluation): mean and sample std over seeds.
-    A seed evaluated by several jobs counts once (its latest result)."""
-    cells: dict[tuple[str, ...], dict[int, Result]] = defaultdict(dict)
+_BOARD_COLUMNS = ("dataset", "preset", "setup", "method", "variant", "ratio", "eval", "seed", "accuracy")
+
+
+def board_rows(
+    session: Session,
+    *,
+    team_id: int,
+    method: str | None = None,
+    ratio: str | None = None,
+    eval: str | None = None,
+    preset: str | None = None,
+    dataset: str | None = None,
+) -> list[Any]:
+    """The columns :func:`leaderboard` groups, of the team's results matching the filters, oldest first,
+    as plain rows (no ORM objects: the leaderboard is read often and results pile up)."""
+    table = Result.__table__.c  # type: ignore[attr-defined]
+    query = (
+        core_select(*(table[name] for name in _BOARD_COLUMNS))
+        .where(*_result_filters(team_id, method=method, ratio=ratio, eval=eval, preset=preset, dataset=dataset))
+        .order_by(table.id)
+    )
+    return list(session.connection().execute(query).all())
+
+
+def leaderboard(rows: list[Any]) -> list[LeaderboardRow]:
+    """Group ``rows`` (results, or :func:`board_rows`, oldest first) by (data set, preset, setup,
+    variant, ratio, evaluation): mean and sample std over seeds. A seed evaluated by several jobs
+    counts once (its latest result)."""
+    cells: dict[tuple[str, ...], dict[int, Any]] = defaultdict(dict)
     for r in rows:
         cells[(r.dataset, r.preset, r.setup, r.method, r.variant, r.ratio, r.eval)][r.seed] = r
     out = []

@@ -180,7 +180,12 @@ class JobCreate(BaseModel):
 
 class Job(JobBase, table=True):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_team_id_idempotency_key", "team_id", "idempotency_key", unique=True),)
+    __table_args__ = (
+        Index("ix_jobs_team_id_idempotency_key", "team_id", "idempotency_key", unique=True),
+        # a team's newest jobs (GET /v1/jobs) and its active ones (the submit limits) without a scan
+        Index("ix_jobs_team_id_created_at", "team_id", "created_at"),
+        Index("ix_jobs_team_id_status", "team_id", "status"),
+    )
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
     team_id: int = Field(foreign_key="teams.id", index=True)
     spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
@@ -203,7 +208,14 @@ class Job(JobBase, table=True):
     gpus: int = Field(default=0, description="GPUs it holds while queued or running (workers x GPUs per worker)")
 
 
-class JobPublic(JobBase):
+class JobPublic(BaseModel):
+    """A job as the API shows it. A plain pydantic model, not an SQLModel: it is built for every job of
+    every page read, and SQLModel's validation cost several times as much (bench/load.py)."""
+
+    kind: JobKind = JobKind.experiment
+    pretrained_job: str | None = PydField(
+        default=None, max_length=32, description="finetune: the pretrain job whose backbones to evaluate"
+    )
     id: str
     team: str
     spec: dict[str, Any]

@@ -103,7 +103,7 @@ def submit_job(
     if idempotency_key is not None:
         earlier = access.job_for_key(session, team_id=team.id, key=idempotency_key)
         if earlier is not None:
-            return _replay(session, earlier, digest, response)
+            return _replay(session, team, earlier, digest, response)
     from_tune: dict[str, object] | None = None
     if body.from_tune:
         body, from_tune = _apply_tune(session, team_id=team.id, body=body)
@@ -145,7 +145,7 @@ def submit_job(
         earlier = access.job_for_key(session, team_id=team.id, key=idempotency_key) if idempotency_key else None
         if earlier is None:
             raise
-        return _replay(session, earlier, digest, response)  # the same key raced in from a second request
+        return _replay(session, team, earlier, digest, response)  # the same key raced in from a second request
     except SQLAlchemyError as exc:
         raise StoreUnavailable("the database is unreachable, the job was not stored") from exc
     try:
@@ -161,7 +161,7 @@ def submit_job(
         with session_scope(session.get_bind()) as s:  # nothing half-made: the row goes again
             access.delete_job(s, job_id=job.id)
         raise
-    return access.job_public(session, job)
+    return access.job_public(session, job, team=team.name)
 
 
 def _store(
@@ -196,7 +196,7 @@ def _store(
     return job
 
 
-def _replay(session: Session, job: Job, digest: str, response: Response) -> JobPublic:
+def _replay(session: Session, team: Team, job: Job, digest: str, response: Response) -> JobPublic:
     if job.request_hash != digest:
         raise Conflict(
             f"Idempotency-Key was used for job {job.id} with a different request: "
@@ -204,7 +204,7 @@ def _replay(session: Session, job: Job, digest: str, response: Response) -> JobP
         )
     response.status_code = status.HTTP_200_OK
     response.headers["Idempotent-Replayed"] = "true"
-    return access.job_public(session, job)
+    return access.job_public(session, job, team=team.name)
 
 
 def _apply_tune(session: Session, *, team_id: int, body: JobCreate) -> tuple[JobCreate, dict[str, object]]:
@@ -251,13 +251,12 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[JobPublic]:
     """The team's jobs, newest first."""
-    jobs = access.list_jobs(session, team_id=team.id, status=status, limit=limit, offset=offset)
-    return access.jobs_public(session, jobs)
+    return access.list_jobs_public(session, team_id=team.id, team=team.name, status=status, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, team: TeamDep, session: SessionDep) -> JobPublic:
-    return access.job_public(session, access.get_job(session, job_id=job_id, team_id=team.id))
+    return access.read_job_public(session, job_id=job_id, team_id=team.id, team=team.name)
 
 
 @router.get("/{job_id}/metrics", response_model=list[MetricPublic])
@@ -316,4 +315,4 @@ def cancel_job(job_id: str, team: SubmitTeamDep, session: SessionDep, redis: Red
             queue.request_cancel(redis, job_id=dep.id)
     session.commit()
     session.refresh(job)
-    return access.job_public(session, job)
+    return access.job_public(session, job, team=team.name)

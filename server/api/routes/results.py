@@ -34,7 +34,7 @@ def leaderboard(
             ratio = f"1:{parse_ratio(ratio)}"
         except ConfigError as exc:
             raise ConfigError(f"ratio: {exc}") from None
-    rows = access.list_results(
+    rows = access.board_rows(
         session, team_id=team.id, method=method, ratio=ratio, eval=eval, preset=preset, dataset=dataset
     )
     return access.leaderboard(rows)
