@@ -42,6 +42,12 @@ def _engine(settings: Settings) -> Any:
 
 
 # -- serve, worker, admin -----------------------------------------------------------------------
+KEEP_ALIVE_S = 75
+"""How long the API keeps an idle connection open. Longer than clients keep theirs (httpx: 5 s, the
+same as uvicorn's default): with equal timeouts the server closed connections just as clients reused
+them, and a request failed with a closed connection now and then (bench/load.py)."""
+
+
 def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
@@ -54,8 +60,17 @@ def serve(
 
     settings = Settings()
     setup_logging(settings.log_format)  # JSON lines (INCO_LOG_FORMAT); the API logs each request itself
-    app = create_app(settings)  # migrates at start; while the database is down it retries and answers 503
-    uvicorn.run(app, host=host, port=port, log_level="info", log_config=None, access_log=False)
+    # migrates at start (while the database is down it retries and answers 503); freezes the heap it starts with
+    app = create_app(settings, freeze_heap=True)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
 
 
 def worker(
@@ -331,14 +346,17 @@ def up(
         if data is not None:
             notes.append(_register_default_data(engine, data))
         engine.dispose()
-        ray_proc, ray_address = start_local_ray(settings.home)
+        ray_proc, ray_address = start_local_ray(settings.home, nice=settings.worker_nice)
         pids["ray"] = ray_proc.pid
         env.update(ray_env(settings.home))
         env["RAY_ADDRESS"] = ray_address
         py = sys.executable
         pids["api"] = _spawn(
             "api",
-            [py, "-m", "uvicorn", "--factory", "server.api.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                *(py, "-m", "uvicorn", "--factory", "server.api.app:app"),
+                *("--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", str(KEEP_ALIVE_S)),
+            ],
             env,
             settings.home,
         )
