@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     train_restarts: int = Field(2, ge=0, le=100, description="restarts of a crashed Ray worker group per attempt")
     heartbeat_s: int = Field(10, ge=1, le=3600, description="worker heartbeat; a job is abandoned after it + 60 s")
     maintenance_s: int = Field(30, ge=1, le=3600, description="how often a worker looks for abandoned jobs")
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority (nice) of `inco worker`, its training and the local Ray it starts: training "
+        "yields the CPU to an API on the same host; 0 keeps the priority it was started with",
+    )
     job_timeout_s: int = Field(7 * 24 * 3600, ge=10, description="longest a job may run")
     stale_after_s: int = Field(
         300, ge=10, le=7 * 24 * 3600, description="a running job with no heartbeat for this long is requeued"

@@ -30,6 +30,7 @@ from server.settings import Settings
 from server.store import access
 from server.store.db import make_engine, schema_is_current, session_scope
 from server.store.models import Job, JobStatus
+from worker.priority import lower_priority
 from worker.recovery import reconcile
 
 log = logging.getLogger("inco.worker")
@@ -52,14 +53,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_local_ray(home: Path, *, num_cpus: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A Ray head on loopback that lives as long as the returned process (``ray start --block``)."""
+def start_local_ray(home: Path, *, num_cpus: int | None = None, nice: int = 0) -> tuple[subprocess.Popen[bytes], str]:
+    """A Ray head on loopback that lives as long as the returned process (``ray start --block``); it
+    and the training processes it starts run at CPU priority ``nice`` at least (INCO_WORKER_NICE)."""
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if ray_bin is None:
         raise ServiceUnavailable("the ray command is not installed: pip install 'ray[train,tune]'")
     port = free_port()
     env = {**os.environ, **ray_env(home), "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [
+        # lower the priority before `ray start` execs, so every process of the head inherits it
+        *([sys.executable, "-m", "worker.priority", str(nice)] if nice > 0 else []),
         ray_bin,
         "start",
         "--head",
@@ -142,6 +146,8 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     """Serve the queue until stopped (or, with ``burst``, until it is empty)."""
     if not logging.getLogger().handlers:  # `inco worker` set it up already; RQ's own setup would be plain text
         setup_logging(settings.log_format)
+    if settings.worker_nice:
+        log.info("running at CPU priority nice %d (INCO_WORKER_NICE)", lower_priority(settings.worker_nice))
     engine = make_engine(settings.db_url)
     wait_for(
         "the store", lambda: schema_is_current(engine), f"{engine.url!r} at the newest schema (inco serve migrates it)"
@@ -150,7 +156,7 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     wait_for("Redis", lambda: redis.ping(), settings.redis_url.rsplit("@", 1)[-1])
     ray_proc = None
     if not os.environ.get("RAY_ADDRESS"):
-        ray_proc, address = start_local_ray(settings.home)
+        ray_proc, address = start_local_ray(settings.home, nice=settings.worker_nice)
         os.environ.update(ray_env(settings.home))
         os.environ["RAY_ADDRESS"] = address
         log.info("started a local Ray head at %s", address)
