@@ -7,7 +7,8 @@ It starts, in a temporary INCO_HOME (SQLite store, a flushed Redis database):
 2. the API with ``inco serve`` (uvicorn) on a free port, with INCO_MAX_ACTIVE_JOBS high so the
    per-team limit of active jobs does not turn submits into 429 (any 429 is counted apart anyway);
 3. a local Ray head and ``--workers`` ``inco worker`` processes (0: none), which run the submitted
-   smoke jobs while the load is applied;
+   smoke jobs while the load is applied, at CPU priority ``--worker-nice`` (INCO_WORKER_NICE, default
+   the service's 10, as ``inco up`` runs them: ``worker/priority.py``);
 
 registers the NEU-CLS images as data set ``default`` with ``POST /v1/datasets``, submits one job and
 waits until a worker runs it, then applies the load (asyncio clients over keep-alive connections) in
@@ -36,8 +37,9 @@ results    ``GET /v1/results`` (the leaderboard)       200
 =========  ==========================================  ==============================================
 
 Per run and kind it reports requests, requests/s, p50/p90/p99/max latency and errors (any other
-answer, or no answer), and the CPU the API, the workers, the load generator and the rest of the
-machine used. Targets, judged on the open-loop run: zero errors (and no arrival dropped), p99 under
+answer, or no answer), and the CPU the API, the workers (with Ray and its training processes,
+sampled every 0.5 s so processes that end during the run count), the load generator and the rest of
+the machine used. Targets, judged on the open-loop run: zero errors (and no arrival dropped), p99 under
 200 ms for every read.
 
     .venv/bin/python bench/load.py                          # both runs, 30 s + 60 s
@@ -63,6 +65,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +78,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.service import SPEC, pct  # noqa: E402
 from cli.stack import descendants  # noqa: E402
+from server.settings import Settings  # noqa: E402
 from worker.main import free_port, ray_env, start_local_ray, stop_local_ray  # noqa: E402
 
 KINDS = ("submit", "job", "jobs", "results")
@@ -348,29 +352,75 @@ def _wait(check: Any, what: str, timeout_s: float, proc: subprocess.Popen[bytes]
     raise SystemExit(f"{what}: not done within {timeout_s:.0f} s; see {log}")
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """CPU time of ``pids`` and their reaped children (``utime + stime + cutime + cstime``)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(v) for v in fields[11:15])
-    return total / os.sysconf("SC_CLK_TCK")
+class TreeCpu:
+    """CPU seconds that process trees use during a run, by part (``roots``: part -> root pids; the
+    processes of part ``alone`` without their descendants).
+
+    Every process of the trees is sampled every ``every_s`` seconds; a process counts what it used
+    after the first sample (or all it used, when it started during the run) up to the last sample that
+    saw it. Processes that end during the run count too: summing the trees' ``cutime`` at both ends
+    missed them, because Ray reaps its worker processes without adding their time to its own (an
+    earlier report showed 45-80 CPU-s of "other work" that was the jobs' training). A process that
+    ends loses at most ``every_s`` of its time.
+    """
+
+    def __init__(self, roots: dict[str, list[int]], alone: str | None = None, every_s: float = 0.5) -> None:
+        self.roots, self.alone, self.every_s = roots, alone, every_s
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tree-cpu", daemon=True)
+        self._sample(initial=True)
+
+    def _sample(self, initial: bool = False) -> None:
+        children: dict[int, list[int]] = {}
+        own: dict[int, float] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for stat in Path("/proc").glob("[0-9]*/stat"):  # one pass: parents and CPU times of every process
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                pid = int(stat.parent.name)
+                own[pid] = (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(int(fields[1]), []).append(pid)
+        for part, roots in self.roots.items():
+            todo, tree = list(roots), []
+            while todo:
+                pid = todo.pop()
+                tree.append(pid)
+                if part != self.alone:
+                    todo.extend(children.get(pid, []))
+            for pid in tree:
+                if pid not in own:
+                    continue
+                self.first.setdefault(pid, own[pid] if initial else 0.0)
+                self.last[pid] = (self.last.get(pid, (part,))[0], own[pid])  # a process counts in one part
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __enter__(self) -> TreeCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def used(self) -> dict[str, float]:
+        out = dict.fromkeys(self.roots, 0.0)
+        for pid, (part, used) in self.last.items():
+            out[part] += used - self.first[pid]
+        return out
 
 
 def _busy_seconds() -> float:
     """CPU time the whole machine spent busy since boot (all cores, /proc/stat)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _tree(procs: list[subprocess.Popen[bytes]]) -> list[int]:
-    return [pid for p in procs for pid in (p.pid, *descendants(p.pid))]
-
-
-def _cpu_parts(api: subprocess.Popen[bytes], jobs: list[subprocess.Popen[bytes]]) -> dict[str, float]:
-    """CPU seconds so far of the API, of the workers and Ray (the jobs), and of this load generator."""
-    return {"api": _cpu_seconds(_tree([api])), "jobs": _cpu_seconds(_tree(jobs)), "load": _cpu_seconds([os.getpid()])}
 
 
 def _git_commit() -> str:
@@ -394,6 +444,7 @@ def run_stack(args: argparse.Namespace) -> dict[str, Any]:
         INCO_DATA_ROOT=str(args.data.resolve().parent),
         INCO_MAX_ACTIVE_JOBS="100000",
         INCO_CPUS_PER_WORKER=str(os.cpu_count() or 1),
+        INCO_WORKER_NICE=str(args.worker_nice),
     )
     inco = [sys.executable, "-m", "cli.main"]
     made = subprocess.run(
@@ -424,7 +475,7 @@ def run_stack(args: argparse.Namespace) -> dict[str, Any]:
 
         _wait(ready, "the API", 60, api, logs / "api.log")
         if args.workers:
-            ray_proc, address = start_local_ray(home)
+            ray_proc, address = start_local_ray(home, nice=args.worker_nice)
             worker_env = {**env, **ray_env(home), "RAY_ADDRESS": address}
             for i in range(args.workers):
                 procs.append(_spawn([*inco, "worker", "--name", f"load-{i}"], worker_env, logs / f"worker-{i}.log"))
@@ -493,7 +544,8 @@ def _measured_run(
     """One run of :func:`drive` against the API at ``base``, with the CPU each part of the stack used."""
     duration_s = args.duration_s or DEFAULT_DURATION_S[mode]
     load_before = os.getloadavg()
-    cpu0, busy0 = _cpu_parts(api, job_procs), _busy_seconds()
+    roots = {"api": [api.pid], "jobs": [p.pid for p in job_procs], "load": [os.getpid()]}
+    sampler, busy0 = TreeCpu(roots, alone="load"), _busy_seconds()
 
     async def go() -> dict[str, Any]:
         pool = args.concurrency if mode == "closed" else args.max_in_flight
@@ -511,9 +563,9 @@ def _measured_run(
                 seed=args.seed,
             )
 
-    report = asyncio.run(go())
-    cpu = {k: v - cpu0[k] for k, v in _cpu_parts(api, job_procs).items()}
-    busy = _busy_seconds() - busy0
+    with sampler:
+        report = asyncio.run(go())
+    cpu, busy = sampler.used(), _busy_seconds() - busy0
     return {
         **report,
         "duration_s": duration_s,
@@ -672,7 +724,8 @@ Command: `{summary["command"]}`
 
 One API process (`inco serve`, uvicorn), SQLite store, Redis on loopback, a local Ray head and
 {summary["workers"]} worker(s) running the submitted smoke jobs (`{json.dumps(summary["spec"])}`), all on
-the same {cores} cores as the load generator (asyncio, httpx, keep-alive connections).
+the same {cores} cores as the load generator (asyncio, httpx, keep-alive connections). The workers and
+the Ray head ran at CPU priority nice {summary.get("worker_nice", 0)} (INCO_WORKER_NICE), the API at nice 0.
 INCO_MAX_ACTIVE_JOBS was 100000 so the per-team limit did not refuse submits; a 429 would be counted
 apart, not as an error. Mix (weights): {", ".join(f"{k}={v:g}" for k, v in summary["mix"].items())}.
 Data set: NEU-CLS, {summary["dataset"]["images"]} images, registered with `POST /v1/datasets`.
@@ -708,6 +761,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rate", type=float, default=40.0, help="open loop: requests per second offered (Poisson)")
     ap.add_argument("--max-in-flight", type=int, default=64, help="open loop: arrivals past this many are dropped")
     ap.add_argument("--workers", type=int, default=1, help="`inco worker` processes running the jobs (0: none)")
+    ap.add_argument(
+        "--worker-nice",
+        type=int,
+        default=Settings().worker_nice,
+        help="CPU priority (nice) of the workers and the Ray head, as INCO_WORKER_NICE (default: the service's)",
+    )
     ap.add_argument("--mix", default="submit=10,job=40,jobs=20,results=30", help="KIND=WEIGHT,...")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "neu-cls")
@@ -723,6 +782,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(str(exc))
     if (args.duration_s is not None and not args.duration_s > 0) or (args.requests is not None and args.requests < 1):
         ap.error("--duration-s must be above 0 and --requests 1 or more")
+    if not 0 <= args.worker_nice <= 19:
+        ap.error(f"--worker-nice must be 0 to 19 (got {args.worker_nice})")
     if args.concurrency < 1 or args.max_in_flight < 1 or args.workers < 0:
         ap.error("--concurrency and --max-in-flight must be 1 or more, --workers 0 or more")
     if not 0 < args.rate < math.inf:
@@ -746,6 +807,7 @@ def main() -> None:
         "command": " ".join([".venv/bin/python bench/load.py", *sys.argv[1:]]),
         "mix": args.mix,
         "workers": args.workers,
+        "worker_nice": args.worker_nice,
         "spec": SPEC,
         **report,
     }

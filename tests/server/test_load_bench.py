@@ -5,8 +5,14 @@ and arrivals the client could not send as dropped, and the markdown report of bo
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
-import re
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,12 +21,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlmodel import Session, func, select
 
-from bench.load import KINDS, drive, parse_args, parse_mix, targets, write_report
+from bench.load import KINDS, TreeCpu, drive, parse_args, parse_mix, targets, write_report
+from cli.stack import KEEP_ALIVE_S, descendants
 from server.api.app import create_app
 from server.settings import Settings
 from server.store import access
 from server.store.db import session_scope
 from server.store.models import Job, JobCreate
+from tests.chaos import Api
+from tests.server.test_store import _result_dict
 from tests.service_fixtures import auth, make_team
 
 SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the store the benchmark uses
@@ -210,6 +219,8 @@ def test_bad_drive_arguments_are_refused(kwargs: dict[str, Any], message: str) -
         (["--requests", "0"], "--requests 1 or more"),
         (["--mode", "half"], "invalid choice"),
         (["--mix", "poll=1"], "KIND one of"),
+        (["--worker-nice", "20"], "--worker-nice must be 0 to 19"),
+        (["--worker-nice", "-1"], "--worker-nice must be 0 to 19"),
     ],
 )
 def test_bad_command_lines_are_refused(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -221,6 +232,29 @@ def test_bad_command_lines_are_refused(argv: list[str], message: str, capsys: py
 def test_default_command_line_runs_both_modes() -> None:
     args = parse_args([])
     assert (args.mode, args.rate, args.max_in_flight, args.concurrency, args.duration_s) == ("both", 40, 64, 8, None)
+    assert args.worker_nice == Settings().worker_nice == 10  # the benchmark runs the service's default
+
+
+def test_cpu_of_processes_that_end_during_a_run_is_counted() -> None:
+    """A process of a tree that burns CPU and exits between two samples still counts (Ray reaps its
+    workers without adding their time to its own, so reading the trees' times at both ends missed
+    them); a process of the ``alone`` part counts without its children."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    script = f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {burn!r}])\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        with TreeCpu({"jobs": [parent.pid], "load": [os.getpid()]}, alone="load", every_s=0.05) as sampler:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not descendants(parent.pid):
+                time.sleep(0.02)  # the burner started
+            while time.monotonic() < deadline and descendants(parent.pid):
+                time.sleep(0.05)  # ... and ended
+        used = sampler.used()
+    finally:
+        parent.kill()
+        parent.wait()
+    assert 0.45 <= used["jobs"] < 5, used  # the burner's 0.6 s (less what it used after the last sample)
+    assert used["load"] < 0.45, used  # this test process only, not the burner it does not own
 
 
 @pytest.mark.integration
@@ -292,37 +326,92 @@ def test_mix_weights() -> None:
 # -- the read path the benchmark profiled -------------------------------------------------------
 @pytest.mark.integration
 @SQLITE
-def test_job_reads_reuse_the_callers_team(settings: Settings, engine: Any) -> None:
-    """``jobs_public`` takes the team's name from the session when the session holds the team (the
-    API's does, loaded when the token was checked), so a job read costs one query less; from a
-    session that does not hold it, it asks the database."""
+def test_job_reads_are_one_query_each(settings: Settings, engine: Any) -> None:
+    """``GET /v1/jobs/{id}``, ``GET /v1/jobs`` and ``GET /v1/results`` each read the store with one
+    query besides the token check (plain rows, no ORM objects: they were most of a request's CPU),
+    and show the same jobs, result counts and leaderboard as the ORM rows do."""
     token = make_team(engine, "alpha")
+    make_team(engine, "beta")
     with session_scope(engine) as s:
         team = access.ensure_team(s, name="alpha")
+        other = access.ensure_team(s, name="beta")
         request = JobCreate.model_validate({"spec": {"ratios": ["1:16"], "preset": "smoke"}})
         ids = [access.create_job(s, team_id=team.id, request=request, spec={"n": i}).id for i in range(3)]
+        access.create_job(s, team_id=other.id, request=request, spec={"n": 9})  # never shown to alpha
+        job = access.get_job(s, job_id=ids[1], team_id=None)
+        access.add_results(s, job=job, result=_result_dict([0.5, 0.7]), dataset="d")
     statements: list[str] = []
 
     def listen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         statements.append(statement)
 
-    names_query = re.compile(r"FROM teams\s+WHERE teams.id IN")
     with TestClient(create_app(settings)) as client:
         event.listen(client.app.state.engine, "before_cursor_execute", listen)
-        for path in (f"/v1/jobs/{ids[0]}", "/v1/jobs"):
-            r = client.get(path, headers=auth(token))
-            assert r.status_code == 200, r.text
-        page = r.json()
-        assert {j["id"] for j in page} == set(ids) and {j["team"] for j in page} == {"alpha"}
-        assert statements and not [q for q in statements if names_query.search(q)], statements
-    statements.clear()
-    event.listen(engine, "before_cursor_execute", listen)
+        one = client.get(f"/v1/jobs/{ids[1]}", headers=auth(token))
+        reads = len(statements)
+        page = client.get("/v1/jobs", headers=auth(token))
+        board = client.get("/v1/results", headers=auth(token))
+        assert one.status_code == page.status_code == board.status_code == 200
+        # token + job, token + page, token + results (a session's BEGIN/COMMIT are not statements here)
+        assert reads == 2 and len(statements) == 6, statements
+        assert client.get(f"/v1/jobs/{'0' * 32}", headers=auth(token)).status_code == 404
+    assert one.json()["team"] == "alpha" and one.json()["results"] == 2 and one.json()["spec"] == {"n": 1}
+    assert [(j["id"], j["results"], j["team"]) for j in page.json()] == [
+        (ids[2], 0, "alpha"),
+        (ids[1], 2, "alpha"),
+        (ids[0], 0, "alpha"),
+    ]
+    with Session(engine) as s:
+        orm = access.leaderboard(access.list_results(s, team_id=team.id))
+    assert board.json() == [row.model_dump(mode="json") for row in orm] and board.json()[0]["count"] == 2
+
+
+@pytest.mark.integration
+@SQLITE
+def test_a_serving_app_freezes_the_heap_it_starts_with(settings: Settings) -> None:
+    """``inco serve`` (``freeze_heap``) imports what the routes load on first use (torch, through the
+    data set scanner) and freezes the heap when it starts, so full collections stop walking ~300,000
+    long-lived objects (a ~400 ms pause of every request in flight); an app made without it (tests)
+    freezes nothing."""
+    gc.unfreeze()
     try:
-        with Session(engine) as s:  # a session that does not hold the team
-            jobs = access.list_jobs(s, team_id=team.id)
-            statements.clear()
-            shown = access.jobs_public(s, jobs)
-        assert [j.team for j in shown] == ["alpha"] * 3 and [j.spec for j in shown] == [{"n": 2}, {"n": 1}, {"n": 0}]
-        assert len(statements) == 2 and names_query.search(statements[1])
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/healthz").status_code == 200 and gc.get_freeze_count() == 0
+        with TestClient(create_app(settings, freeze_heap=True)) as client:
+            assert client.get("/healthz").status_code == 200
+            assert "inco_core.data" in sys.modules and "torch" in sys.modules
+            assert gc.get_freeze_count() > 100_000
     finally:
-        event.remove(engine, "before_cursor_execute", listen)
+        gc.unfreeze()
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """One answer to ``GET /healthz`` (b"" when the server closed the connection)."""
+    data = b""
+    while b'{"status":"ok"}' not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.integration
+def test_inco_serve_keeps_idle_connections_longer_than_clients_do(tmp_path: Path) -> None:
+    """``inco serve`` keeps an idle keep-alive connection open past the 5 s that httpx keeps its own
+    (and that uvicorn kept by default): with equal timeouts the server closed connections just as the
+    benchmark's client reused them, failing a request now and then."""
+    env = {**os.environ, "INCO_HOME": str(tmp_path), "INCO_REDIS_URL": "redis://127.0.0.1:6379/15"}
+    api = Api(env, tmp_path / "api.log")
+    api.start()
+    try:
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+            request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            sock.sendall(request)
+            assert _answer(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(6.5)  # idle past 5 s (httpx, and uvicorn by default), well inside KEEP_ALIVE_S
+            sock.sendall(request)
+            assert _answer(sock).startswith(b"HTTP/1.1 200")
+    finally:
+        api.stop()
+    assert httpx.Limits().keepalive_expiry < KEEP_ALIVE_S  # type: ignore[operator]
