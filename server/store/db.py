@@ -12,6 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from pydantic_core import from_json
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, create_engine
@@ -40,7 +41,12 @@ def make_engine(url: str) -> Engine:
         # a pool as large as the API's thread pool, so connections (and their PRAGMAs) are not reopened
         in_memory = url in ("sqlite://", "sqlite:///:memory:")  # one connection, no pool to size
         pool = {} if in_memory else {"pool_size": 20, "max_overflow": 20}
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            json_deserializer=from_json,  # JSON columns: pydantic's parser, about twice as fast as json.loads
+            **pool,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -52,7 +58,14 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args={"connect_timeout": 5})
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"connect_timeout": 5},
+        json_deserializer=from_json,
+    )
 
 
 @contextmanager
