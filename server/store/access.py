@@ -459,22 +459,14 @@ def list_results(
 _BOARD_COLUMNS = ("dataset", "preset", "setup", "method", "variant", "ratio", "eval", "seed", "accuracy")
 
 
-def board_rows(
-    session: Session,
-    *,
-    team_id: int,
-    method: str | None = None,
-    ratio: str | None = None,
-    eval: str | None = None,
-    preset: str | None = None,
-    dataset: str | None = None,
-) -> list[Any]:
-    """The columns :func:`leaderboard` groups, of the team's results matching the filters, oldest first,
-    as plain rows (no ORM objects: the leaderboard is read often and results pile up)."""
+def board_rows(session: Session, *, team_id: int, **filters: str | None) -> list[Any]:
+    """The columns :func:`leaderboard` groups, of the team's results matching ``filters`` (as in
+    :func:`list_results`: method, ratio, eval, preset, dataset), oldest first, as plain rows (no ORM
+    objects: the leaderboard is read often and results pile up)."""
     table = Result.__table__.c  # type: ignore[attr-defined]
     query = (
         core_select(*(table[name] for name in _BOARD_COLUMNS))
-        .where(*_result_filters(team_id, method=method, ratio=ratio, eval=eval, preset=preset, dataset=dataset))
+        .where(*_result_filters(team_id, **filters))
         .order_by(table.id)
     )
     return list(session.connection().execute(query).all())
