@@ -35,14 +35,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
-from sqlalchemy import func
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import queue
 from server.errors import ServiceUnavailable
-from server.store import models
+from server.store import access, models
 
 log = logging.getLogger("inco.api")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -153,23 +152,12 @@ class ServiceCollector(Collector):
 
     def _from_store(self) -> tuple[dict[str, float], list[tuple[str, str, str, float]]]:
         with Session(self.app.state.engine) as s:
-            by_state = dict(s.exec(select(models.Job.status, func.count()).group_by(models.Job.status)).all())
-            counts = {state.value: float(by_state.get(state.value, 0)) for state in models.JobStatus}
-            latest = (
-                select(func.max(models.Metric.id))
-                .join(models.Job, col(models.Job.id) == col(models.Metric.job_id))
-                .where(models.Job.status == models.JobStatus.running)
-                .group_by(col(models.Metric.job_id))
-            )
-            rows = s.exec(
-                select(models.Metric, models.Team.name)
-                .join(models.Job, col(models.Job.id) == col(models.Metric.job_id))
-                .join(models.Team, col(models.Team.id) == col(models.Job.team_id))
-                .where(col(models.Metric.id).in_(latest))
-            ).all()
+            by_state = access.count_jobs_by_status(s)
+            latest = access.latest_metrics_of_running_jobs(s)
+        counts = {state.value: float(by_state.get(state.value, 0)) for state in models.JobStatus}
         rates = [
             (m.job_id, team, m.stage, float(m.values[THROUGHPUT_KEY]))
-            for m, team in rows
+            for m, team in latest
             if isinstance(m.values.get(THROUGHPUT_KEY), int | float)
         ]
         return counts, rates

@@ -350,6 +350,28 @@ def add_metric(session: Session, *, job_id: str, log: EpochLog) -> None:
         session.add(job)
 
 
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    """How many jobs (of every team) are in each status; statuses with none are left out."""
+    return dict(session.exec(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
+def latest_metrics_of_running_jobs(session: Session) -> list[tuple[Metric, str]]:
+    """The newest epoch row of every running job (of every team), with its team's name (``/metrics``)."""
+    latest = (
+        select(func.max(Metric.id))
+        .join(Job, col(Job.id) == col(Metric.job_id))
+        .where(Job.status == JobStatus.running)
+        .group_by(col(Metric.job_id))
+    )
+    rows = session.exec(
+        select(Metric, Team.name)
+        .join(Job, col(Job.id) == col(Metric.job_id))
+        .join(Team, col(Team.id) == col(Job.team_id))
+        .where(col(Metric.id).in_(latest))
+    ).all()
+    return [(metric, team) for metric, team in rows]
+
+
 def list_metrics(session: Session, *, job_id: str, stage: str | None = None) -> list[Metric]:
     query = select(Metric).where(Metric.job_id == job_id)
     if stage is not None:
