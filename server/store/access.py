@@ -236,16 +236,9 @@ def _public_columns() -> list[Any]:
     return [*(jobs[name] for name in _JOB_PUBLIC_FIELDS), counts]
 
 
-def job_public(session: Session, job: Job, *, team: str) -> JobPublic:
-    """One job as the API shows it (``team``: its team's name), with its result count."""
-    results = session.exec(select(func.count()).select_from(Result).where(Result.job_id == job.id)).one()
-    return JobPublic.model_validate(
-        {**{name: getattr(job, name) for name in _JOB_PUBLIC_FIELDS}, "team": team, "results": results}
-    )
-
-
-def read_job_public(session: Session, *, job_id: str, team_id: int, team: str) -> JobPublic:
-    """Job ``job_id`` of the team as the API shows it, read without loading an ORM object."""
+def job_public(session: Session, *, job_id: str, team_id: int, team: str) -> JobPublic:
+    """Job ``job_id`` of the team as the API shows it (``team``: its team's name), read as a plain row
+    with its result count (NotFound when the team has no such job)."""
     row = None
     if JOB_ID.fullmatch(job_id):
         query = core_select(*_public_columns()).where(Job.id == job_id, Job.team_id == team_id)

@@ -161,7 +161,7 @@ def submit_job(
         with session_scope(session.get_bind()) as s:  # nothing half-made: the row goes again
             access.delete_job(s, job_id=job.id)
         raise
-    return access.job_public(session, job, team=team.name)
+    return access.job_public(session, job_id=job.id, team_id=team.id, team=team.name)
 
 
 def _store(
@@ -204,7 +204,7 @@ def _replay(session: Session, team: Team, job: Job, digest: str, response: Respo
         )
     response.status_code = status.HTTP_200_OK
     response.headers["Idempotent-Replayed"] = "true"
-    return access.job_public(session, job, team=team.name)
+    return access.job_public(session, job_id=job.id, team_id=team.id, team=team.name)
 
 
 def _apply_tune(session: Session, *, team_id: int, body: JobCreate) -> tuple[JobCreate, dict[str, object]]:
@@ -256,7 +256,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, team: TeamDep, session: SessionDep) -> JobPublic:
-    return access.read_job_public(session, job_id=job_id, team_id=team.id, team=team.name)
+    return access.job_public(session, job_id=job_id, team_id=team.id, team=team.name)
 
 
 @router.get("/{job_id}/metrics", response_model=list[MetricPublic])
@@ -314,5 +314,4 @@ def cancel_job(job_id: str, team: SubmitTeamDep, session: SessionDep, redis: Red
             )
             queue.request_cancel(redis, job_id=dep.id)
     session.commit()
-    session.refresh(job)
-    return access.job_public(session, job, team=team.name)
+    return access.job_public(session, job_id=job.id, team_id=team.id, team=team.name)
