@@ -30,8 +30,7 @@ def settle_heap() -> None:
     of about 400 ms (more on a busy host) for every request in flight, which set the API's p99 latency
     (bench/load.py). Frozen, they are never walked again; what requests allocate is collected as usual.
     """
-    import inco_core.data  # noqa: F401
-    import server.archives  # noqa: F401
+    import inco_core.data  # noqa: F401  (the one module the routes import on first use)
 
     gc.collect()
     gc.freeze()

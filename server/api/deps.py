@@ -42,7 +42,7 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         yield session
     except OperationalError as exc:
         await run_in_threadpool(session.close)  # closing rolls back
-        raise StoreUnavailable(f"the database is unreachable, nothing was changed: {exc.orig}") from exc
+        raise _unreachable(exc) from exc
     except Exception:
         await run_in_threadpool(session.close)
         raise
@@ -52,7 +52,11 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     try:
         await run_in_threadpool(_commit_and_close, session)
     except OperationalError as exc:
-        raise StoreUnavailable(f"the database is unreachable, nothing was changed: {exc.orig}") from exc
+        raise _unreachable(exc) from exc
+
+
+def _unreachable(exc: OperationalError) -> StoreUnavailable:
+    return StoreUnavailable(f"the database is unreachable, nothing was changed: {exc.orig}")
 
 
 def _commit_and_close(session: Session) -> None:
