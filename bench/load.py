@@ -77,7 +77,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.service import SPEC, pct  # noqa: E402
-from cli.stack import descendants  # noqa: E402
+from cli.stack import descendants, process_table  # noqa: E402
 from server.settings import Settings  # noqa: E402
 from worker.main import free_port, ray_env, start_local_ray, stop_local_ray  # noqa: E402
 
@@ -373,29 +373,15 @@ class TreeCpu:
         self._sample(initial=True)
 
     def _sample(self, initial: bool = False) -> None:
-        children: dict[int, list[int]] = {}
-        own: dict[int, float] = {}
-        tick = os.sysconf("SC_CLK_TCK")
-        for stat in Path("/proc").glob("[0-9]*/stat"):  # one pass: parents and CPU times of every process
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                pid = int(stat.parent.name)
-                own[pid] = (int(fields[11]) + int(fields[12])) / tick
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(int(fields[1]), []).append(pid)
+        table, tick = process_table(), os.sysconf("SC_CLK_TCK")  # one pass over /proc per sample
         for part, roots in self.roots.items():
-            todo, tree = list(roots), []
-            while todo:
-                pid = todo.pop()
-                tree.append(pid)
-                if part != self.alone:
-                    todo.extend(children.get(pid, []))
+            tree = roots if part == self.alone else [p for root in roots for p in (root, *descendants(root, table))]
             for pid in tree:
-                if pid not in own:
+                if pid not in table:
                     continue
-                self.first.setdefault(pid, own[pid] if initial else 0.0)
-                self.last[pid] = (self.last.get(pid, (part,))[0], own[pid])  # a process counts in one part
+                used = (int(table[pid][11]) + int(table[pid][12])) / tick
+                self.first.setdefault(pid, used if initial else 0.0)
+                self.last[pid] = (self.last.get(pid, (part,))[0], used)  # a process counts in one part
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):

@@ -180,16 +180,24 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def descendants(pid: int) -> list[int]:
-    """Child processes of ``pid``, recursively (from /proc; an RQ work horse has a process group of
-    its own, so signalling the worker's group does not reach it)."""
-    children: dict[int, list[int]] = {}
+def process_table() -> dict[int, list[str]]:
+    """Every process's ``/proc/PID/stat`` fields after its command name (``[1]``: its parent,
+    ``[11]``/``[12]``: its user/system CPU ticks), by pid."""
+    table: dict[int, list[str]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            table[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return table
+
+
+def descendants(pid: int, table: dict[int, list[str]] | None = None) -> list[int]:
+    """Child processes of ``pid``, recursively (from /proc, or ``table`` from :func:`process_table`;
+    an RQ work horse has a process group of its own, so signalling the worker's group does not reach it)."""
+    children: dict[int, list[int]] = {}
+    for child, fields in (process_table() if table is None else table).items():
+        children.setdefault(int(fields[1]), []).append(child)
     out, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
