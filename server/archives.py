@@ -208,7 +208,7 @@ def extract(archive: Path, kind: str, dest: Path, *, max_files: int, max_bytes: 
         ConfigError: the archive is corrupt, or has entries that are refused (all listed).
         TooLarge: more than ``max_files`` entries, or more than ``max_bytes`` uncompressed, or a zip bomb.
     """
-    from inco_core.data import IMAGE_EXTENSIONS
+    from inco_core.files import IMAGE_EXTENSIONS
 
     dest.mkdir(parents=True, exist_ok=False)
     problems = _Problems()

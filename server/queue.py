@@ -40,9 +40,11 @@ def enqueue(
     depends_on: str | None = None,
     retries: int = 2,
     timeout_s: int = 7 * 24 * 3600,
+    at_front: bool = False,
 ) -> None:
     """Queue ``job_id``. ``retries``: how often a job whose worker died is run again (it resumes from
-    its last checkpoint). A job that depends on another runs after that one finished."""
+    its last checkpoint; a retry goes to the front of the queue, as does a job queued ``at_front``). A
+    job that depends on another runs after that one finished."""
     dependency = None
     if depends_on is not None:
         try:
@@ -57,7 +59,8 @@ def enqueue(
             job_id,
             job_id=job_id,
             depends_on=dependency,
-            retry=Retry(max=retries) if retries else None,
+            retry=Retry(max=retries, enqueue_at_front=True) if retries else None,
+            at_front=at_front,
             job_timeout=timeout_s,
             result_ttl=24 * 3600,
             failure_ttl=7 * 24 * 3600,

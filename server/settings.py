@@ -22,6 +22,11 @@ INCO_MAX_UPLOAD_BYTES    2 GiB                                largest data set a
 INCO_MAX_UPLOAD_FILES    100000                               most files in one archive
 INCO_CORS_ORIGINS        (none: CORS off)                     browser origins allowed to call the API
 INCO_LOG_FORMAT          json                                 ``json`` (one object a line) or ``text``
+INCO_LEASE_S             6                                    a running job's lease; its job is requeued
+                                                              once it and the store heartbeat lapsed
+INCO_PREDICT_SLOTS       2                                    predict requests the API runs at once (429)
+INCO_MAX_PREDICT_IMAGES  256                                  images in one predict request
+INCO_MAX_PREDICT_BYTES   64 MiB                               one predict request's files (or archive)
 =======================  ===================================  ==========================================
 """
 
@@ -48,7 +53,7 @@ class Settings(BaseSettings):
     job_retries: int = Field(2, ge=0, le=100, description="re-runs of a job whose worker died")
     cpus_per_worker: int = Field(1, ge=1, le=1024, description="CPUs each Ray Train worker asks for")
     train_restarts: int = Field(2, ge=0, le=100, description="restarts of a crashed Ray worker group per attempt")
-    heartbeat_s: int = Field(10, ge=1, le=3600, description="worker heartbeat; a job is abandoned after it + 60 s")
+    heartbeat_s: int = Field(10, ge=1, le=3600, description="RQ's worker heartbeat (its job monitoring interval)")
     maintenance_s: int = Field(30, ge=1, le=3600, description="how often a worker looks for abandoned jobs")
     worker_nice: int = Field(
         10,
@@ -58,14 +63,21 @@ class Settings(BaseSettings):
         "yields the CPU to an API on the same host; 0 keeps the priority it was started with",
     )
     job_timeout_s: int = Field(7 * 24 * 3600, ge=10, description="longest a job may run")
-    stale_after_s: int = Field(
-        300, ge=10, le=7 * 24 * 3600, description="a running job with no heartbeat for this long is requeued"
+    lease_s: int = Field(
+        6,
+        ge=2,
+        le=3600,
+        description="a running job's lease: renewed every third of it; a job whose lease and store heartbeat are "
+        "both older than this is queued again (its process died)",
     )
     max_active_jobs: int = Field(20, ge=1, le=100_000, description="a team's queued + running jobs at once")
     max_gpus: int = Field(8, ge=0, le=100_000, description="GPUs of a team's queued + running jobs at once")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body (bytes)")
     max_upload_bytes: int = Field(2 << 30, ge=1024, description="largest data set archive upload (bytes)")
     max_upload_files: int = Field(100_000, ge=1, description="most files in one data set archive")
+    predict_slots: int = Field(2, ge=1, le=256, description="predict requests the API runs at once; more get 429")
+    max_predict_images: int = Field(256, ge=1, le=100_000, description="images in one predict request")
+    max_predict_bytes: int = Field(64 << 20, ge=1024, description="one predict request's files or archive (bytes)")
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed; empty: CORS off")
     log_format: str = Field("json", pattern="^(json|text)$", description="worker and API log lines")
 

@@ -1,5 +1,6 @@
 """FastAPI dependencies: the store session, Redis, settings, and the caller's team checked against the
-scope a route needs (``TeamDep``: read, ``SubmitTeamDep``: submit, ``AdminTeamDep``: admin)."""
+scope a route needs (``TeamDep``: read, ``SubmitTeamDep``: submit, ``AdminTeamDep``: admin,
+``PredictTeamDep``: predict)."""
 
 from __future__ import annotations
 
@@ -131,4 +132,6 @@ SubmitTeamDep = Annotated[Team, Depends(require(Scope.submit))]
 """The caller's team; the token needs the ``submit`` scope (submit and cancel jobs, register data sets)."""
 AdminTeamDep = Annotated[Team, Depends(require(Scope.admin))]
 """The caller's team; the token needs the ``admin`` scope (the team's tokens)."""
+PredictTeamDep = Annotated[Team, Depends(require(Scope.predict))]
+"""The caller's team; the token needs the ``predict`` scope (run a model on images)."""
 CallerDep = Annotated[Caller, Depends(current_caller)]

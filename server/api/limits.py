@@ -7,8 +7,9 @@ streams, and the request ends with ``413`` as soon as it passes the limit, so no
 more than the limit in memory or on disk.
 
 A JSON body (at most ``max_body_bytes``, so it is read whole here) is also refused with ``422``
-when it nests more than :data:`MAX_JSON_DEPTH` arrays and objects: Python's JSON parser would
-otherwise run out of stack on it. The body is then handed on to the app unchanged.
+when it nests more than :data:`MAX_JSON_DEPTH` arrays and objects (Python's JSON parser would
+otherwise run out of stack on it), or when its bytes are not text in the encoding JSON's parser
+reads them as (FastAPI would answer an unhelpful 400). The body is then handed on to the app unchanged.
 
 The limits are read from ``app.state.settings`` on every request, so a test (or an operator) that
 swaps the settings sees the new limits at once.
@@ -16,6 +17,7 @@ swaps the settings sees the new limits at once.
 
 from __future__ import annotations
 
+import json
 import re
 from itertools import accumulate
 from typing import Any
@@ -68,6 +70,17 @@ def json_depth(body: bytes) -> int:
     return max(accumulate(1 if c in b"[{" else -1 for c in brackets))
 
 
+def undecodable(body: bytes) -> str | None:
+    """Why ``body`` cannot be JSON text (its bytes do not decode in the encoding the JSON parser
+    reads them as: UTF-8, or UTF-16/32 by their first bytes), else None."""
+    encoding = json.detect_encoding(body)
+    try:
+        body.decode(encoding, "surrogatepass")  # as json.loads decodes bytes
+    except UnicodeDecodeError as exc:
+        return f"the body is not valid JSON: byte {exc.start} is not {encoding} text; send the JSON as UTF-8"
+    return None
+
+
 def is_json(content_type: str | None) -> bool:
     """A missing content type counts as JSON, as FastAPI reads it."""
     if not content_type:
@@ -76,9 +89,16 @@ def is_json(content_type: str | None) -> bool:
     return main == "application/json" or (main.startswith("application/") and main.endswith("+json"))
 
 
+PREDICT_PATH = re.compile(r"^/v1/models/[^/]+/predict/?$")
+
+
 def is_upload(scope: Scope) -> bool:
-    """``POST /v1/datasets`` with a body that is not JSON: an archive upload."""
-    if scope.get("method") != "POST" or scope.get("path", "").rstrip("/") != UPLOAD_PATH:
+    """``POST /v1/datasets`` with a body that is not JSON (an archive), or the files of a predict
+    request (``POST /v1/models/{id}/predict``)."""
+    if scope.get("method") != "POST":
+        return False
+    path = scope.get("path", "")
+    if path.rstrip("/") != UPLOAD_PATH and not PREDICT_PATH.match(path):
         return False
     return not is_json(Headers(scope=scope).get("content-type"))
 
@@ -95,8 +115,12 @@ class BodySizeLimit:
             return
         settings: Settings = scope["app"].state.settings
         upload = is_upload(scope)
-        limit = settings.max_upload_bytes if upload else settings.max_body_bytes
-        what = "archive" if upload else "request body"
+        predict = upload and PREDICT_PATH.match(scope.get("path", "")) is not None
+        if predict:
+            limit, what = settings.max_predict_bytes, "predict request (its images or archive)"
+        else:
+            limit = settings.max_upload_bytes if upload else settings.max_body_bytes
+            what = "archive" if upload else "request body"
         length = Headers(scope=scope).get("content-length")
         if length is not None:
             if not length.strip().isdigit():
@@ -119,6 +143,10 @@ class BodySizeLimit:
                     f"the JSON body is nested {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted: "
                     "send the fields of the API's schema (GET /openapi.json)",
                 )
+                return
+            problem = undecodable(body)
+            if problem is not None:
+                await _answer(send, 422, problem)
                 return
             await self.app(scope, _replay(body, receive), send)
             return

@@ -171,6 +171,7 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
         (b'"spec"', "should be a valid dictionary"),
         (b"null", "should be a valid dictionary"),
         (b"\xff\xfe\x00garbage", ""),
+        (b'{"spec": "\xff\xfe"}', "byte 10 is not utf-8 text"),  # not text: 422, not FastAPI's bare 400
         (b'{"spec": []}', "spec: Input should be a valid dictionary"),
         (b'{"spec": {"seeds": "zero"}}', "spec.seeds: Input should be a valid list"),
         (b'{"spec": {"seeds": ["zero"]}}', "spec.seeds.0: Input should be a valid integer"),

@@ -30,7 +30,7 @@ from server.store.db import session_scope
 from server.store.models import Job, JobCreate
 from tests.chaos import Api
 from tests.server.test_store import _result_dict
-from tests.service_fixtures import auth, make_team
+from tests.service_fixtures import REDIS_TEST, auth, make_team
 
 SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the store the benchmark uses
 STATS = {"count", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "limited_429", "status"}
@@ -401,7 +401,7 @@ def test_inco_serve_keeps_idle_connections_longer_than_clients_do(tmp_path: Path
     """``inco serve`` keeps an idle keep-alive connection open past the 5 s that httpx keeps its own
     (and that uvicorn kept by default): with equal timeouts the server closed connections just as the
     benchmark's client reused them, failing a request now and then."""
-    env = {**os.environ, "INCO_HOME": str(tmp_path), "INCO_REDIS_URL": "redis://127.0.0.1:6379/15"}
+    env = {**os.environ, "INCO_HOME": str(tmp_path), "INCO_REDIS_URL": REDIS_TEST}
     api = Api(env, tmp_path / "api.log")
     api.start()
     try:

@@ -56,7 +56,7 @@ def test_tokens_are_stored_as_sha256_only(engine) -> None:
 def test_scopes_are_checked_and_kept_in_one_order(engine) -> None:
     assert access.check_scopes(None) == ["read", "submit"]
     assert access.check_scopes(["admin", "read", "admin"]) == ["read", "admin"]
-    with pytest.raises(ConfigError, match=r"unknown scope\(s\) \['delete'\]; choose from read, submit, admin"):
+    with pytest.raises(ConfigError, match=r"unknown scope\(s\) \['delete'\]; choose from read, submit, admin, predict"):
         access.check_scopes(["read", "delete"])
     with pytest.raises(ConfigError, match="at least one scope"):
         access.check_scopes([])
@@ -78,17 +78,19 @@ def test_revoke_by_prefix_can_be_limited_to_a_team(engine) -> None:
 def required_scope(method: str, path: str) -> str:
     if path.startswith("/v1/tokens"):
         return "admin"
+    if path.endswith("/predict"):
+        return "predict"
     return "read" if method == "GET" else "submit"
 
 
 def test_every_v1_route_needs_its_scope(client: TestClient) -> None:
     engine = client.app.state.engine
-    only = {scope: make_team(engine, "alpha", scopes=[scope]) for scope in ("read", "submit", "admin")}
+    only = {scope: make_team(engine, "alpha", scopes=[scope]) for scope in ("read", "submit", "admin", "predict")}
     routes = sorted({(m, p) for m, p, _ in app_routes(client.app) if p.startswith("/v1")})
     assert len(routes) >= 15
     for method, path in routes:
         need = required_scope(method, path)
-        url = path.format(job_id="nope", prefix="inco_abcdefg")
+        url = path.format(job_id="nope", prefix="inco_abcdefg", model_id=424242)
         for scope, token in only.items():
             r = client.request(method, url, headers=auth(token), json={})
             if scope == need:
@@ -166,7 +168,7 @@ def test_admin_lists_creates_and_revokes_tokens(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("body", "expect"),
     [
-        ({"scopes": ["root"]}, "scopes.0: Input should be 'read', 'submit' or 'admin'"),
+        ({"scopes": ["root"]}, "scopes.0: Input should be 'read', 'submit', 'admin' or 'predict'"),
         ({"scopes": []}, "scopes: List should have at least 1 item"),
         ({"scopes": "read"}, "scopes"),
         ({"name": "x" * 200}, "name: String should have at most 128 characters"),
@@ -329,14 +331,14 @@ def test_cli_creates_scoped_tokens_and_lists_them(tmp_path: Path) -> None:
 
 
 def test_the_local_stack_token_has_every_scope(settings: Settings, engine) -> None:
-    """`inco up` keeps its token in INCO_HOME/token: all three scopes; a kept token that lacks one or
-    was revoked is replaced."""
+    """`inco up` keeps its token in INCO_HOME/token: every scope; a kept token that lacks one (one from
+    before the predict scope) or was revoked is replaced."""
     from cli.stack import _local_token
 
     settings.home.mkdir(parents=True, exist_ok=True)
     token = _local_token(settings, engine)
     with session_scope(engine) as s:
-        assert access.authenticate(s, token=token)[1].scopes == ["read", "submit", "admin"]
+        assert access.authenticate(s, token=token)[1].scopes == ["read", "submit", "admin", "predict"]
     assert _local_token(settings, engine) == token  # kept
     assert (settings.home / "token").stat().st_mode & 0o777 == 0o600
     with session_scope(engine) as s:  # a token from before scopes existed: read and submit only
@@ -350,4 +352,9 @@ def test_the_local_stack_token_has_every_scope(settings: Settings, engine) -> No
         access.revoke_token(s, prefix=newer[:12])
     latest = _local_token(settings, engine)
     with session_scope(engine) as s:
-        assert latest != newer and access.authenticate(s, token=latest)[1].scopes == ["read", "submit", "admin"]
+        assert latest != newer and access.authenticate(s, token=latest)[1].scopes == [
+            "read",
+            "submit",
+            "admin",
+            "predict",
+        ]

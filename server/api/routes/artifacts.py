@@ -5,21 +5,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path
 
 from server.api.deps import SessionDep, TeamDep
+from server.api.errors import AUTH, INVALID, answer
+from server.api.params import JOB_ID, JobIdFilter
 from server.store import access
 from server.store.models import ArtifactPublic
 
-router = APIRouter(prefix="/v1", tags=["artifacts"])
-JOB_ID = r"^[0-9a-f]{1,32}$"
-"""Job ids are 32 hex digits; anything else (a NUL byte, which PostgreSQL refuses) is a 422."""
+router = APIRouter(prefix="/v1", tags=["artifacts"], responses=AUTH)
 
 
-@router.get("/artifacts", response_model=list[ArtifactPublic])
-def list_artifacts(
-    team: TeamDep, session: SessionDep, job_id: Annotated[str | None, Query(pattern=JOB_ID)] = None
-) -> list[ArtifactPublic]:
+@router.get("/artifacts", response_model=list[ArtifactPublic], responses=INVALID)
+def list_artifacts(team: TeamDep, session: SessionDep, job_id: JobIdFilter = None) -> list[ArtifactPublic]:
     """The team's artifacts, oldest first; ``job_id`` keeps those one job made."""
     return [
         ArtifactPublic.model_validate(a, from_attributes=True)
@@ -27,9 +25,15 @@ def list_artifacts(
     ]
 
 
-@router.get("/jobs/{job_id}/artifacts", response_model=list[ArtifactPublic])
+@router.get(
+    "/jobs/{job_id}/artifacts",
+    response_model=list[ArtifactPublic],
+    responses={404: answer("the team has no job with this id"), **INVALID},
+)
 def job_artifacts(
-    job_id: Annotated[str, Path(pattern=JOB_ID)], team: TeamDep, session: SessionDep
+    job_id: Annotated[str, Path(pattern=JOB_ID, description="the job's id (32 hex digits)")],
+    team: TeamDep,
+    session: SessionDep,
 ) -> list[ArtifactPublic]:
     """The artifacts one job of the team made (404 for a job of another team)."""
     access.get_job(session, job_id=job_id, team_id=team.id)

@@ -31,13 +31,14 @@ from starlette.types import Scope
 from inco_core.errors import ConfigError, DataError
 from server import archives
 from server.api.deps import SessionDep, SettingsDep, SubmitTeamDep, TeamDep
+from server.api.errors import AUTH, INVALID, RETRY_AFTER, answer
 from server.api.limits import is_json, too_large_message
 from server.errors import Conflict, ServiceUnavailable, TooLarge
 from server.settings import Settings
 from server.store import access
 from server.store.models import NAME_PATTERN, DatasetCreate, DatasetPublic, Team
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=AUTH)
 UPLOADS = "uploads"
 MAX_NAMES_SHOWN = 20
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -244,7 +245,22 @@ def _check_not_others_uploads(folder: Path, path: str, uploads: Path, team: Team
 
 
 # -- JSON: a folder already under the data root ---------------------------------------------------------
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, openapi_extra=ARCHIVE_BODY)
+REGISTER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: answer("the team has a data set of this name already (or an upload of it is in progress)"),
+    413: answer("the body is larger than the server's limit (INCO_MAX_BODY_BYTES; INCO_MAX_UPLOAD_BYTES for archives)"),
+    415: answer("the Content-Type is neither JSON nor an archive (zip, tar, gzip)"),
+    **INVALID,
+    503: answer("the database is down, or the server cannot store the upload; nothing was kept", headers=RETRY_AFTER),
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    responses=REGISTER_RESPONSES,
+    openapi_extra=ARCHIVE_BODY,
+)
 def register_dataset(
     body: DatasetCreate, team: SubmitTeamDep, session: SessionDep, settings: SettingsDep
 ) -> DatasetPublic:

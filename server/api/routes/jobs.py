@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Response, status
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session
 
@@ -15,6 +15,8 @@ from inco_core.config import RunSpec, load_spec
 from inco_core.errors import ConfigError
 from server import queue
 from server.api.deps import RedisDep, SessionDep, SettingsDep, SubmitTeamDep, TeamDep
+from server.api.errors import AUTH, INVALID, RETRY_AFTER, answer
+from server.api.params import AfterLogId, JobIdPath, Limit, Offset, StageFilter
 from server.errors import Conflict, LimitReached, NotFound, StoreUnavailable
 from server.settings import Settings
 from server.store import access
@@ -32,8 +34,35 @@ from server.store.models import (
     TrialPublic,
 )
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH)
 DEFAULT_DATASET = "default"
+NO_JOB = {404: answer("the team has no job with this id")}
+JOB_ROUTES = {
+    "GetJob": ("get", "/v1/jobs/{job_id}"),
+    "JobMetrics": ("get", "/v1/jobs/{job_id}/metrics"),
+    "JobLogs": ("get", "/v1/jobs/{job_id}/logs"),
+    "JobResults": ("get", "/v1/jobs/{job_id}/results"),
+    "JobTrials": ("get", "/v1/jobs/{job_id}/trials"),
+    "JobArtifacts": ("get", "/v1/jobs/{job_id}/artifacts"),
+    "CancelJob": ("post", "/v1/jobs/{job_id}/cancel"),
+}
+
+
+def job_links() -> dict[str, Any]:
+    """OpenAPI links from an answer that shows a job to the routes about that job (clients and
+    schemathesis's stateful tests follow them)."""
+    links: dict[str, Any] = {
+        name: {
+            "operationRef": f"#/paths/{path.replace('/', '~1')}/{method}",
+            "parameters": {"job_id": "$response.body#/id"},
+        }
+        for name, (method, path) in JOB_ROUTES.items()
+    }
+    links["ArtifactsOfJob"] = {
+        "operationRef": "#/paths/~1v1~1artifacts/get",
+        "parameters": {"query.job_id": "$response.body#/id"},
+    }
+    return links
 
 
 IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces
@@ -76,9 +105,27 @@ def _check_limits(session: Session, team: Team, settings: Settings, gpus: int) -
     status_code=status.HTTP_201_CREATED,
     response_model=JobPublic,
     responses={
-        200: {"description": "the same Idempotency-Key and request were sent before: the job made then"},
-        429: {"description": "the team is at its limit of queued + running jobs or GPUs"},
-        503: {"description": "Redis or the database is down; nothing was stored"},
+        200: {
+            "description": "the same Idempotency-Key and request were sent before: the job made then",
+            "model": JobPublic,
+            "headers": {
+                "Idempotent-Replayed": {
+                    "description": "`true`: this job was made by an earlier request",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["true"]},
+                }
+            },
+            "links": job_links(),
+        },
+        201: {"description": "the job, stored `queued` and on the queue", "links": job_links()},
+        409: answer(
+            "the Idempotency-Key was used with another request, or the tune job named in from_tune "
+            "has not succeeded or has no finished trial"
+        ),
+        413: answer("the body is larger than the server's limit (INCO_MAX_BODY_BYTES)"),
+        **INVALID,
+        429: answer("the team is at its limit of queued + running jobs or GPUs", headers=RETRY_AFTER),
+        503: answer("Redis or the database is down; nothing was stored", headers=RETRY_AFTER),
     },
 )
 def submit_job(
@@ -242,25 +289,25 @@ def _apply_tune(session: Session, *, team_id: int, body: JobCreate) -> tuple[Job
     return body.model_copy(update={"spec": spec}), picked
 
 
-@router.get("", response_model=list[JobPublic])
+@router.get("", response_model=list[JobPublic], responses=INVALID)
 def list_jobs(
     team: TeamDep,
     session: SessionDep,
     status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> list[JobPublic]:
     """The team's jobs, newest first."""
     return access.list_jobs_public(session, team_id=team.id, team=team.name, status=status, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, team: TeamDep, session: SessionDep) -> JobPublic:
+@router.get("/{job_id}", response_model=JobPublic, responses={**NO_JOB, **INVALID})
+def get_job(job_id: JobIdPath, team: TeamDep, session: SessionDep) -> JobPublic:
     return access.job_public(session, job_id=job_id, team_id=team.id, team=team.name)
 
 
-@router.get("/{job_id}/metrics", response_model=list[MetricPublic])
-def job_metrics(job_id: str, team: TeamDep, session: SessionDep, stage: str | None = None) -> list[MetricPublic]:
+@router.get("/{job_id}/metrics", response_model=list[MetricPublic], responses={**NO_JOB, **INVALID})
+def job_metrics(job_id: JobIdPath, team: TeamDep, session: SessionDep, stage: StageFilter = None) -> list[MetricPublic]:
     """Per-epoch metrics of every stage (loss, DWV weight, kNN accuracy, images/s, ...)."""
     access.get_job(session, job_id=job_id, team_id=team.id)
     return [
@@ -269,10 +316,8 @@ def job_metrics(job_id: str, team: TeamDep, session: SessionDep, stage: str | No
     ]
 
 
-@router.get("/{job_id}/logs", response_model=list[JobLogPublic])
-def job_logs(
-    job_id: str, team: TeamDep, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0
-) -> list[JobLogPublic]:
+@router.get("/{job_id}/logs", response_model=list[JobLogPublic], responses={**NO_JOB, **INVALID})
+def job_logs(job_id: JobIdPath, team: TeamDep, session: SessionDep, after: AfterLogId = 0) -> list[JobLogPublic]:
     """The job's log: status changes, stages, one line per epoch, errors."""
     access.get_job(session, job_id=job_id, team_id=team.id)
     return [
@@ -281,16 +326,20 @@ def job_logs(
     ]
 
 
-@router.get("/{job_id}/results", response_model=list[ResultPublic])
-def job_results(job_id: str, team: TeamDep, session: SessionDep) -> list[ResultPublic]:
+@router.get("/{job_id}/results", response_model=list[ResultPublic], responses={**NO_JOB, **INVALID})
+def job_results(job_id: JobIdPath, team: TeamDep, session: SessionDep) -> list[ResultPublic]:
     """Per-seed result rows of one job (accuracy, per-class recall, confusion matrix, ...)."""
     access.get_job(session, job_id=job_id, team_id=team.id)
     rows = access.list_results(session, team_id=team.id, job_id=job_id)
     return [ResultPublic.model_validate(r, from_attributes=True) for r in rows]
 
 
-@router.get("/{job_id}/trials", response_model=list[TrialPublic])
-def job_trials(job_id: str, team: TeamDep, session: SessionDep) -> list[TrialPublic]:
+@router.get(
+    "/{job_id}/trials",
+    response_model=list[TrialPublic],
+    responses={404: answer("the team has no job with this id, or the job is not a tune job"), **INVALID},
+)
+def job_trials(job_id: JobIdPath, team: TeamDep, session: SessionDep) -> list[TrialPublic]:
     """The trials of a tune job, best first: trials that ran every epoch by validation accuracy,
     then trials ASHA stopped early, running trials and failed ones."""
     job: Job = access.get_job(session, job_id=job_id, team_id=team.id)
@@ -299,8 +348,19 @@ def job_trials(job_id: str, team: TeamDep, session: SessionDep) -> list[TrialPub
     return [TrialPublic.model_validate(t, from_attributes=True) for t in access.list_trials(session, job_id=job.id)]
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, team: SubmitTeamDep, session: SessionDep, redis: RedisDep) -> JobPublic:
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={
+        200: {"description": "the job, `canceled` or with its cancel requested", "links": job_links()},
+        **NO_JOB,
+        409: answer("the job already ended"),
+        413: answer("the body is larger than the server's limit (INCO_MAX_BODY_BYTES); send none"),
+        **INVALID,
+        503: answer("Redis or the database is down; nothing was changed", headers=RETRY_AFTER),
+    },
+)
+def cancel_job(job_id: JobIdPath, team: SubmitTeamDep, session: SessionDep, redis: RedisDep) -> JobPublic:
     """A queued job ends ``canceled`` at once; a running one stops within seconds. Fine-tune jobs
     waiting for it are canceled too. 409 when the job already ended."""
     job = access.get_job(session, job_id=job_id, team_id=team.id)

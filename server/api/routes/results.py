@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
-from inco_core.config import METHODS, parse_ratio
-from inco_core.errors import ConfigError
+from inco_core.config import METHODS
 from server.api.deps import SessionDep, TeamDep
+from server.api.errors import AUTH, INVALID
+from server.api.params import DatasetFilter, checked_method, normal_ratio
 from server.store import access
 from server.store.models import LeaderboardRow
 
-router = APIRouter(prefix="/v1/results", tags=["results"])
+router = APIRouter(prefix="/v1/results", tags=["results"], responses=AUTH)
 
 
-@router.get("", response_model=list[LeaderboardRow])
+@router.get("", response_model=list[LeaderboardRow], responses=INVALID)
 def leaderboard(
     team: TeamDep,
     session: SessionDep,
-    method: str | None = None,
-    ratio: str | None = None,
+    method: Annotated[str | None, Query(max_length=32, description=f"one of {', '.join(METHODS)}")] = None,
+    ratio: Annotated[str | None, Query(max_length=32, description="a label ratio, e.g. `1:16`")] = None,
     eval: Literal["finetune", "linear"] | None = None,
     preset: Literal["paper", "cpu", "smoke"] | None = None,
-    dataset: str | None = None,
+    dataset: DatasetFilter = None,
 ) -> list[LeaderboardRow]:
     """Mean, sample standard deviation and count of test accuracy over seeds, per data set, preset,
     method variant, ratio and evaluation."""
-    if method is not None and method not in METHODS:
-        raise ConfigError(f"method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if ratio is not None:
-        try:
-            ratio = f"1:{parse_ratio(ratio)}"
-        except ConfigError as exc:
-            raise ConfigError(f"ratio: {exc}") from None
     rows = access.board_rows(
-        session, team_id=team.id, method=method, ratio=ratio, eval=eval, preset=preset, dataset=dataset
+        session,
+        team_id=team.id,
+        method=checked_method(method),
+        ratio=normal_ratio(ratio),
+        eval=eval,
+        preset=preset,
+        dataset=dataset,
     )
     return access.leaderboard(rows)

@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic import Field as PydField
 
 from server.api.deps import AdminTeamDep, SessionDep
+from server.api.errors import AUTH, INVALID, answer
 from server.errors import Conflict, NotFound
 from server.store import access
 from server.store.models import DEFAULT_SCOPES, ApiToken, Scope
 
-router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+router = APIRouter(prefix="/v1/tokens", tags=["tokens"], responses=AUTH)
 PREFIX_PATTERN = r"^inco_[A-Za-z0-9_-]{7}$"
 
 
@@ -30,8 +31,9 @@ class TokenCreate(BaseModel):
     scopes: list[Scope] = PydField(
         default_factory=lambda: [Scope(s) for s in DEFAULT_SCOPES],
         min_length=1,
-        max_length=3,
-        description="what the token may do: read, submit (jobs, cancels, data sets), admin (tokens)",
+        max_length=len(Scope),
+        description="what the token may do: read, submit (jobs, cancels, data sets), admin (tokens), "
+        "predict (run the team's models on images)",
     )
 
     @field_validator("name")
@@ -68,7 +70,24 @@ def list_tokens(team: AdminTeamDep, session: SessionDep) -> list[TokenPublic]:
     return [_public(row) for row in access.list_tokens(session, team_id=team.id)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TokenCreated)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TokenCreated,
+    responses={
+        201: {
+            "description": "the token, shown this once",
+            "links": {
+                "RevokeToken": {
+                    "operationRef": "#/paths/~1v1~1tokens~1{prefix}~1revoke/post",
+                    "parameters": {"prefix": "$response.body#/prefix"},
+                }
+            },
+        },
+        413: answer("the body is larger than the server's limit (INCO_MAX_BODY_BYTES)"),
+        **INVALID,
+    },
+)
 def create_token(body: TokenCreate, team: AdminTeamDep, session: SessionDep) -> TokenCreated:
     """A new token for the caller's team with the scopes asked for (default read and submit)."""
     token = access.create_token(session, team=team, name=body.name, scopes=[s.value for s in body.scopes])
@@ -79,7 +98,12 @@ def create_token(body: TokenCreate, team: AdminTeamDep, session: SessionDep) -> 
 @router.post(
     "/{prefix}/revoke",
     response_model=TokenPublic,
-    responses={404: {"description": "no token of the team starts with it"}, 409: {"description": "revoked already"}},
+    responses={
+        404: answer("no token of the team starts with it"),
+        409: answer("revoked already"),
+        413: answer("the body is larger than the server's limit (INCO_MAX_BODY_BYTES); send none"),
+        **INVALID,
+    },
 )
 def revoke_token(
     prefix: Annotated[str, Path(pattern=PREFIX_PATTERN, description="the token's first 12 characters")],
