@@ -1,25 +1,40 @@
 """Fault injection against a running service: how many jobs are lost and how many results are stored
-twice when the worker, the API, Redis and the database fail while jobs run.
+twice when the worker, the API, Redis and the database fail while jobs run, and how fast a job whose
+process died runs again.
 
-The service is the real one, as processes (tests/chaos.py): `inco serve`, `inco worker`, a private
+The service is the real one, as processes (tests/chaos.py): `inco serve`, `inco worker`s, a private
 `redis-server` with the deploy config's append-only persistence (deploy/redis/redis.conf), PostgreSQL
-(127.0.0.1:5432) behind a TCP proxy, and a local Ray head. Each round submits one longer job (SimSiam,
-12 pretraining epochs on 96 images, sent with an Idempotency-Key) and two smoke jobs, then, while the
-long job trains:
+(127.0.0.1:5432) behind a TCP proxy, and Ray heads.
 
-1. ``kill -9`` of the worker and its work horse, and a new worker at once (time until the job's next
-   attempt starts is the pick-up time);
+Part 1, mixed rounds (``--rounds``). Each round submits one longer job (SimSiam, 12 pretraining epochs
+on 96 images, sent with an Idempotency-Key) and two smoke jobs, then, while the long job trains:
+
+1. ``kill -9`` of the worker and its work horse, and a new worker at once;
 2. the database link cut for 10 s;
 3. ``kill -9`` of the API and a new API; the long job is submitted again with the same Idempotency-Key
    (a client retrying after the crash), which must answer with the same job;
 4. ``kill -9`` of Redis (no shutdown save), a submit while it is down (must answer 503 and store
    nothing), and a restart from the append-only file.
 
-Then it waits for every job to end and audits each: status, attempts, metric rows stored twice, result
-rows (one expected).
+Part 2, kill series (``--kills`` per kind): one long job per kind is killed again and again while it
+trains, and each time the time from the kill until the job runs again is measured ("death -> running":
+its next attempt started, or for a Ray Train worker its worker group restarted), and until its next
+epoch was stored. Two workers serve the queue, as two machines would:
 
-    .venv/bin/python bench/faults.py                 # 3 rounds
-    .venv/bin/python bench/faults.py --rounds 1
+- ``worker``: ``kill -9`` of a worker and its work horse (the shared Ray head survives); a new worker
+  starts in its place;
+- ``horse``: ``kill -9`` of the work horse only; its worker sees it die and retries it at once;
+- ``ray-worker``: ``kill -9`` of the Ray Train worker process; Ray Train restarts the worker group
+  from the last checkpoint (``INCO_TRAIN_RESTARTS``);
+- ``machine``: both workers run a Ray head of their own; ``kill -9`` of everything of the machine that
+  runs the job (worker, work horse, its Ray head and Ray workers); the other machine takes the job over
+  once its lease lapses (``INCO_LEASE_S``).
+
+Then it waits for every job to end and audits each: status, attempts, metric rows stored twice, result
+rows (one expected), and whether any attempt started while the process of an earlier one still lived.
+
+    .venv/bin/python bench/faults.py                       # 1 round, 6 kills of each kind
+    .venv/bin/python bench/faults.py --rounds 0 --kills 2
 
 Writes ``bench/results/faults-cpu.md`` and ``.json``.
 """
@@ -28,9 +43,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import secrets
+import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -42,11 +60,14 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.chaos import SMOKE, Chaos, chaos_service, wait_until  # noqa: E402
+from cli.stack import descendants  # noqa: E402
+from tests.chaos import SMOKE, Chaos, Process, alive, chaos_service, pids_running, wait_until  # noqa: E402
 from worker.main import ray_env, start_local_ray, stop_local_ray  # noqa: E402
 
 LONG = {"spec": {**SMOKE["spec"], "method": "simsiam", "overrides": {"pretrain.epochs": 12, "pretrain.max_images": 96}}}
 FAULTS = ["worker kill -9", "database cut 10 s", "API kill -9", "Redis kill -9"]
+KINDS = ["worker", "horse", "ray-worker", "machine"]
+SETTINGS = {"INCO_JOB_RETRIES": "30", "INCO_TRAIN_RESTARTS": "30"}  # every kill is survived, none fails the job
 
 
 def epochs(svc: Chaos, job_id: str) -> int:
@@ -99,10 +120,104 @@ def one_round(svc: Chaos, n: int, record: dict) -> list[str]:
     return ids
 
 
+def last_epoch(svc: Chaos, job_id: str) -> int:
+    return max(svc.epochs(job_id), default=0)
+
+
+def restarts_logged(svc: Chaos, job_id: str) -> int:
+    logs = svc.http("GET", f"/v1/jobs/{job_id}/logs").json()
+    return sum("from the last checkpoint" in m["message"] for m in logs)
+
+
+def machine_of(pid: int, machines: list[Process]) -> Process:
+    for m in machines:
+        if m.proc is not None and (pid == m.proc.pid or pid in descendants(m.proc.pid)):
+            return m
+    raise AssertionError(f"no worker runs pid {pid}")
+
+
+def one_kill(svc: Chaos, kind: str, job_id: str, machines: list[Process]) -> dict:
+    """Kill what runs the job (``kind``), then time it until it runs again and until its next epoch."""
+    attempts, restarts = svc.job(job_id)["attempts"], restarts_logged(svc, job_id)
+    horse = svc.horse_pid(job_id)
+    assert horse is not None, "the running job holds no lease"
+    victim = None
+    if kind == "ray-worker":
+        victims = pids_running("RayTrainWorker")
+        assert victims, "no Ray Train worker process found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+    elif kind == "horse":
+        victims = [horse]
+        os.kill(horse, signal.SIGKILL)
+    else:  # worker / machine: the process tree of the worker that runs it (with its Ray head, if its own)
+        victim = machine_of(horse, machines)
+        victims = [victim.proc.pid, *descendants(victim.proc.pid)]
+        victim.kill9()
+    killed = time.monotonic()
+    at_kill = last_epoch(svc, job_id)
+
+    def back() -> str | None:
+        if svc.job(job_id)["attempts"] > attempts:
+            return "next attempt"
+        if restarts_logged(svc, job_id) > restarts:
+            return "worker group restart"
+        return None
+
+    how = wait_until(back, f"{kind} kill: running again", 300, 0.1)
+    back_s = time.monotonic() - killed
+    overlap = [pid for pid in victims if alive(pid)] if how == "next attempt" else []
+    if victim is not None:
+        victim.start()  # a new worker (machine) takes the place of the dead one
+    wait_until(lambda: last_epoch(svc, job_id) > at_kill, f"{kind} kill: next epoch", 900, 0.2)
+    epoch_s = time.monotonic() - killed
+    return {"kind": kind, "back_s": round(back_s, 2), "epoch_s": round(epoch_s, 1), "how": how, "alive": overlap}
+
+
+def kill_series(svc: Chaos, kind: str, kills: int, seed: int, machines: list[Process], record: dict) -> str:
+    """One long job killed ``kills`` times (``kind``, see the module doc), each time once it trains again."""
+    epochs = 3 * kills + 6
+    spec = {**LONG["spec"], "seeds": [seed], "overrides": {"pretrain.epochs": epochs, "pretrain.max_images": 96}}
+    job_id = svc.submit({"spec": spec})
+    wait_until(lambda: last_epoch(svc, job_id) >= 1, f"{kind}: training under way", 900, 0.2)
+    for n in range(kills):
+        kill = one_kill(svc, kind, job_id, machines)
+        record["kills"].append(kill)
+        print(f"  {kind} kill {n + 1}/{kills}: running again after {kill['back_s']:.1f} s ({kill['how']})", flush=True)
+    return job_id
+
+
+def kill_phase(svc: Chaos, kills: int, record: dict) -> list[str]:
+    ids = []
+    svc.worker.stop()
+    shared = [svc.new_worker("worker-a"), svc.new_worker("worker-b")]
+    for w in shared:
+        w.start()
+    try:
+        for i, kind in enumerate(["worker", "horse", "ray-worker"]):
+            ids.append(kill_series(svc, kind, kills, 50 + i, shared, record))
+            svc.wait(ids[-1], 1800)
+    finally:
+        for w in shared:
+            w.stop()
+    machines = [svc.new_worker("machine-a", own_ray=True), svc.new_worker("machine-b", own_ray=True)]
+    for m in machines:
+        m.start()
+    try:
+        ids.append(kill_series(svc, "machine", kills, 53, machines, record))
+        svc.wait(ids[-1], 1800)
+    finally:
+        for m in machines:
+            m.stop(grace_s=60)
+    svc.worker.start()
+    return ids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "neu-cls"))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="mixed fault rounds (part 1)")
+    parser.add_argument("--kills", type=int, default=6, help="kills of each kind (part 2)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "faults-cpu.md"))
     parser.add_argument("--report-from", help="rewrite the markdown from a saved JSON record, run nothing")
     args = parser.parse_args()
@@ -117,7 +232,10 @@ def main() -> None:
         "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, no GPU",
         "command": "python bench/faults.py " + " ".join(sys.argv[1:]),
         "rounds": args.rounds,
+        "settings": SETTINGS,
+        "kills_each": args.kills,
         "injected": dict.fromkeys(FAULTS, 0),
+        "kills": [],
         "pickup_s": [],
         "idempotent_retries": 0,
         "idempotent_same_job": 0,
@@ -128,12 +246,15 @@ def main() -> None:
     t0 = time.monotonic()
     try:
         env = {**ray_env(home / "ray-home"), "RAY_ADDRESS": address}
-        with chaos_service(home, Path(args.data), env, db_password="bench-" + secrets.token_hex(4)) as svc:
+        password = "bench-" + secrets.token_hex(4)
+        with chaos_service(home, Path(args.data), env, db_password=password, env_overrides=SETTINGS) as svc:
             svc.worker.start()
             ids: list[str] = []
             for n in range(args.rounds):
                 ids += one_round(svc, n, record)
                 print(f"round {n + 1}/{args.rounds} injected; {time.monotonic() - t0:.0f} s", flush=True)
+            if args.kills:
+                ids += kill_phase(svc, args.kills, record)
             for job_id in ids:
                 svc.wait(job_id, 1200)
                 record["jobs"].append({"id": job_id, **svc.audit(job_id)})
@@ -147,6 +268,44 @@ def main() -> None:
     print(out.read_text())
 
 
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: a value that was measured)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def kill_table(kills: list[dict]) -> list[str]:
+    if not kills:
+        return []
+    rows = []
+    for kind in [*KINDS, "all"]:
+        mine = [k for k in kills if kind in ("all", k["kind"])]
+        if not mine:
+            continue
+        back = [k["back_s"] for k in mine]
+        how = sorted({k["how"] for k in mine})
+        rows.append(
+            f"| {kind} | {len(mine)} | {statistics.median(back):.1f} | {pct(back, 95):.1f} | {max(back):.1f} | "
+            f"{statistics.median(k['epoch_s'] for k in mine):.1f} | {', '.join(how)} | "
+            f"{sum(bool(k['alive']) for k in mine)} |"
+        )
+    return [
+        "",
+        "## Death -> running again",
+        "",
+        "Each kill is timed from the `kill -9` until the job runs again (its next attempt started, or its Ray "
+        "Train worker group restarted) and until its next epoch was stored (Ray's start-up and one epoch of "
+        "training on CPU included). Seconds; p95 is nearest-rank.",
+        "",
+        "| kind | kills | p50 | p95 | max | p50 until next epoch | how it ran again | attempts started while a "
+        "killed process lived |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Every kill: " + ", ".join(f"{k['kind']} {k['back_s']}" for k in kills) + ".",
+    ]
+
+
 def report(r: dict) -> str:
     jobs = r["jobs"]
     lost = [j for j in jobs if j["status"] != "succeeded"]
@@ -157,12 +316,17 @@ def report(r: dict) -> str:
         "",
         f"Measured {r['when']} on {r['machine']} with `{r['command']}` ({r['wall_s']} s in all).",
         "The service ran as processes: `inco serve`, `inco worker`, `redis-server` with deploy/redis/redis.conf "
-        "(appendonly, appendfsync always), PostgreSQL behind a TCP proxy, a local Ray head. "
-        f"{r['rounds']} round(s), each with one SimSiam job of 12 epochs and two smoke jobs; see bench/faults.py.",
+        "(appendonly, appendfsync always), PostgreSQL behind a TCP proxy, Ray heads. "
+        f"Part 1: {r['rounds']} mixed round(s), each with one SimSiam job of 12 epochs and two smoke jobs. "
+        f"Part 2: one long SimSiam job per kind of kill, killed {r.get('kills_each', 0)} times while it trained, "
+        "two workers serving the queue. See bench/faults.py; settings "
+        + ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items())
+        + " (so that no kill spends a job's retry budget).",
         "",
         "| fault | injected |",
         "|---|---|",
         *[f"| {name} | {count} |" for name, count in r["injected"].items()],
+        *[f"| {kind} kill -9 (part 2) | {sum(k['kind'] == kind for k in r.get('kills', []))} |" for kind in KINDS],
         "",
         "| outcome | count |",
         "|---|---|",
@@ -174,12 +338,14 @@ def report(r: dict) -> str:
         f"| retries with the same Idempotency-Key that got the same job | "
         f"{r['idempotent_same_job']} of {r['idempotent_retries']} |",
         f"| jobs in the store at the end | {r.get('jobs_in_store', '?')} (accepted: {len(jobs)}) |",
+        f"| attempts started while a killed process still lived | "
+        f"{sum(bool(k['alive']) for k in r.get('kills', []))} |",
         "",
-        f"Pick-up after the worker kill (until the job's next attempt started): {r['pickup_s']} s, with "
-        "INCO_HEARTBEAT_S=2 and INCO_MAINTENANCE_S=5. RQ 2.12 marks a job abandoned once its heartbeat key "
-        "expires (INCO_HEARTBEAT_S + 60 s), a worker's maintenance pass then queues it again behind the jobs "
-        "already waiting (here the round's smoke jobs), so the bound is about heartbeat + 60 s + maintenance "
-        "interval + the queue ahead of it.",
+        f"Pick-up after the worker kill of each mixed round (until the job's next attempt started): "
+        f"{r['pickup_s']} s, with the default INCO_LEASE_S=6.",
+        *kill_table(r.get("kills", [])),
+        "",
+        "## Jobs",
         "",
         "| job | status | attempts | results | metric rows twice |",
         "|---|---|---|---|---|",

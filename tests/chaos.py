@@ -29,6 +29,7 @@ from rq import Queue
 from cli.stack import descendants
 from server.store.db import make_engine, migrate
 from tests.service_fixtures import PG_ADMIN, auth, make_team, pg_host_port, scratch_database
+from worker.lease import holder
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_CONF = REPO / "deploy" / "redis" / "redis.conf"
@@ -183,6 +184,14 @@ class TcpProxy:
         self.cut()
 
 
+def _start_time(pid: int) -> str | None:
+    """When the process started (clock ticks since boot), or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 class Process:
     """An ``inco`` command (``serve``, ``worker``) as a process group that can be killed."""
 
@@ -215,8 +224,12 @@ class Process:
         self.proc = None
 
     def stop(self, grace_s: float = 30) -> None:
+        """SIGTERM, then after ``grace_s`` SIGKILL; and then SIGKILL to whatever it started that is
+        still there (a worker's own Ray head runs in a session of its own: a worker killed while it
+        stopped it would leave it, and its Ray workers, using the CPU for the rest of the run)."""
         if self.proc is None:
             return
+        started = {pid: _start_time(pid) for pid in descendants(self.proc.pid)}
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -225,11 +238,35 @@ class Process:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        for pid, since in started.items():
+            if since is not None and _start_time(pid) == since:  # the same process, not a reused pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.proc = None
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def pids_running(text: str) -> list[int]:
+    """Processes whose command line contains ``text`` (e.g. Ray's ``RayTrainWorker`` actors)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()[:64]
 
 
 class Api(Process):
@@ -259,6 +296,11 @@ class Chaos:
         self.worker = Process(["worker"], env, home / "worker.log")
         self.engine = make_engine(observer_db)  # the test's own view of the store: not through the proxy
         self.token = ""
+        self.notes: list[str] = []  # what a test did when (see note), shown by report
+
+    def note(self, what: str) -> None:
+        """Record a step of the test with the time, for :meth:`report`."""
+        self.notes.append(f"{time.strftime('%H:%M:%S')} {what}")
 
     @property
     def headers(self) -> dict[str, str]:
@@ -315,12 +357,67 @@ class Chaos:
     def queued_in_redis(self) -> list[str]:
         return Queue(self.env["INCO_QUEUE"], connection=Redis.from_url(self.redis.url)).job_ids
 
+    def new_worker(self, name: str, *, own_ray: bool = False) -> Process:
+        """Another ``inco worker`` (another machine): on the shared Ray head, or with ``own_ray`` on a
+        local Ray head of its own that dies with it (as on a machine of its own)."""
+        env = dict(self.env)
+        if own_ray:
+            for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+                env.pop(key, None)
+        return Process(["worker"], env, self.home / f"{name}.log")
+
+    def listening(self, runner: Process) -> bool:
+        """Whether the ``inco worker`` process ``runner`` serves the queue (RQ registered it): started,
+        its store and Redis reached, its Ray head up, torch loaded."""
+        from rq import Worker
+
+        queue = Queue(self.env["INCO_QUEUE"], connection=Redis.from_url(self.redis.url))
+        return runner.alive and any(w.pid == runner.proc.pid for w in Worker.all(queue=queue))
+
+    def report(self, job_id: str, lines: int = 60) -> str:
+        """What a failed fault test shows: the job's state, its log messages and epochs, and the last
+        ``lines`` lines of every log the service wrote (API, workers)."""
+        parts = ["test steps:", *(f"  {n}" for n in self.notes)]
+        try:
+            job = self.job(job_id)
+            parts.append(f"job: status={job['status']} attempts={job['attempts']} error={job['error']}")
+            parts.append(f"epochs: {self.epochs(job_id)}")
+            for m in self.http("GET", f"/v1/jobs/{job_id}/logs").json():
+                parts.append(f"  {m['created_at']} {m['level']} {m['message']}")
+        except Exception as exc:  # the report goes with the failure whatever state the service is in
+            parts.append(f"(job not readable: {exc})")
+        for log in sorted(self.home.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {log.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    @contextmanager
+    def explained(self, job_id: str) -> Iterator[None]:
+        """An assertion failing in the block carries :meth:`report` with it (CI shows only the failure)."""
+        try:
+            yield
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.report(job_id)}") from exc
+
+    def horse_pid(self, job_id: str) -> int | None:
+        """The work horse running the job: the holder of its lease (``host:pid``)."""
+        owner = holder(Redis.from_url(self.redis.url), job_id)
+        return int(owner.rsplit(":", 1)[1]) if owner else None
+
 
 @contextmanager
-def chaos_service(home: Path, neu_path: Path, ray_env: dict[str, str], *, db_password: str) -> Iterator[Chaos]:
+def chaos_service(
+    home: Path,
+    neu_path: Path,
+    ray_env: dict[str, str],
+    *,
+    db_password: str,
+    env_overrides: dict[str, str] | None = None,
+) -> Iterator[Chaos]:
     """The API and a worker as processes, a private AOF Redis, and a PostgreSQL database of its own
     reached through a :class:`TcpProxy` (with a password in its URL, to check it never leaks), team
-    ``alpha`` with the NEU-CLS images as data set ``default``. Short heartbeats so faults show fast."""
+    ``alpha`` with the NEU-CLS images as data set ``default``. Short heartbeats so faults show fast;
+    ``env_overrides`` change the service's ``INCO_`` settings."""
     with scratch_database("inco_faults") as name:
         proxy = TcpProxy(*pg_host_port()).start()
         db = f"postgresql://postgres:{db_password}@127.0.0.1:{proxy.port}/{name}"
@@ -337,9 +434,13 @@ def chaos_service(home: Path, neu_path: Path, ray_env: dict[str, str], *, db_pas
             "INCO_CPUS_PER_WORKER": "2",
             "INCO_HEARTBEAT_S": "2",
             "INCO_MAINTENANCE_S": "5",
-            "INCO_STALE_AFTER_S": "30",
             "INCO_LOG_FORMAT": "text",
             "INCO_TRAIN_RESTARTS": "0",
+            "INCO_JOB_RETRIES": "3",  # a job survives the three deaths of the pick-up test
+            # the CPU priority is test_priority's: here the service's processes get the CPU as the other
+            # tests running beside these do, so a kill is timed, not how long a starved one waits
+            "INCO_WORKER_NICE": "0",
+            **(env_overrides or {}),
         }
         svc = Chaos(home, redis, proxy, db, env, observer_db=PG_ADMIN.rsplit("/", 1)[0] + f"/{name}")
         migrate(svc.engine)

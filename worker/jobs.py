@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -21,14 +22,10 @@ from server.settings import Settings
 from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import Job, JobKind, JobStatus
-from worker.recovery import Heartbeat
+from worker.lease import JobLease, holder
 from worker.reporting import with_retries
 
 log = logging.getLogger("inco.worker")
-
-
-def _worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _finish(engine: Any, job_id: str, status: JobStatus, error: str | None = None) -> None:
@@ -83,17 +80,23 @@ def run_job(job_id: str) -> str:
     from worker.logs import job_logging  # job_id and team on every log line while the job runs
 
     try:
-        with job_logging(engine, job_id), Heartbeat(engine, job_id, settings.heartbeat_s):
-            return _run(job_id, settings, engine, redis)
+        with job_logging(engine, job_id), JobLease(redis, engine, job_id, lease_s=settings.lease_s) as lease:
+            # a lease still held belongs to a process that died a moment ago (it lapses within INCO_LEASE_S)
+            # or to one that runs the job now (it renews it): wait out the first, leave the job to the second
+            if not lease.take(wait_s=settings.lease_s * 1.5):
+                log.warning("job %s is running elsewhere (%s holds its lease): skipped", job_id, holder(redis, job_id))
+                return "skipped"
+            return _run(job_id, settings, engine, redis, lease)
     finally:
         engine.dispose()
 
 
-def _run(job_id: str, settings: Settings, engine: Any, redis: Any) -> str:
+def _run(job_id: str, settings: Settings, engine: Any, redis: Any, lease: JobLease) -> str:
     with session_scope(engine) as s:
-        job = access.start_attempt(s, job_id=job_id, worker=_worker_name())
+        job = access.start_attempt(s, job_id=job_id, worker=lease.owner)
         if job is None:
             return "skipped"
+        lease.attempt = job.attempts  # from now on a later attempt elsewhere stops this one
         snapshot = Job.model_validate(job.model_dump(warnings=False))
         pretrained: dict[str, str] = {}
         if snapshot.pretrained_job:
@@ -209,10 +212,33 @@ def ray_runtime_env(settings: Settings) -> dict[str, Any]:
     return {"env_vars": {"INCO_DATABASE_URL": settings.db_url, "INCO_REDIS_URL": settings.redis_url}}
 
 
+RAY_ANSWER_S = 30  # a head that does not take a connection within this is gone
+
+
+def check_ray_answers(address: str | None, timeout_s: float = RAY_ANSWER_S) -> None:
+    """Raise ConnectionError when the Ray head at ``address`` (``host:port``) takes no TCP connection
+    within ``timeout_s``: ``ray.init`` would wait for a dead head forever and the job with it, while
+    this attempt fails and is retried (by a worker whose head is up). Other address forms (``auto``,
+    ``ray://``) are left to Ray."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or "/" in host or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"the Ray head at {address} does not answer ({exc}); is it running?") from None
+            time.sleep(1)
+
+
 def _connect_ray(settings: Settings) -> None:
     import ray
 
     if not ray.is_initialized():
+        check_ray_answers(os.environ.get("RAY_ADDRESS"))
         ray.init(
             address=os.environ.get("RAY_ADDRESS") or None,
             logging_level="WARNING",

@@ -20,7 +20,7 @@ from inco_core.config import RunSpec
 from inco_core.errors import InCoError
 from server.store import access
 from server.store.db import session_scope
-from server.store.models import Artifact
+from server.store.models import Artifact, Model
 from worker.reporting import StoreBackbones, StoreReporter, connect_store, with_retries
 
 
@@ -53,28 +53,58 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def save_result(engine: Any, *, job_id: str, team_id: int, dataset: str, result: dict[str, Any]) -> None:
-    """Result rows and fine-tuned model artifacts, in one transaction (idempotent)."""
+    """Result rows, and each trained classifier as an artifact and a model of the team, in one
+    transaction (idempotent: a re-run stores nothing twice)."""
+    classifiers = {
+        row["checkpoint"]: classifier_info(Path(row["checkpoint"]))
+        for row in result["results"]
+        if row.get("checkpoint") and os.path.exists(row["checkpoint"])
+    }
 
     def go() -> None:
         with session_scope(engine) as s:
             job = access.get_job(s, job_id=job_id, team_id=None)
             access.add_results(s, job=job, result=result, dataset=dataset)
             for row in result["results"]:
-                if row.get("checkpoint") and os.path.exists(row["checkpoint"]):
-                    access.add_artifact(
-                        s,
-                        artifact=Artifact(
-                            team_id=team_id,
-                            job_id=job_id,
-                            kind="finetuned",
-                            key=f"{job_id}:{row['ratio']}:{row['seed']}",
-                            method=row["method"],
-                            seed=row["seed"],
-                            path=row["checkpoint"],
-                            size_bytes=os.path.getsize(row["checkpoint"]),
-                            meta={"ratio": row["ratio"], "accuracy": row["accuracy"]},
-                        ),
-                    )
+                info = classifiers.get(row.get("checkpoint") or "")
+                if info is None:
+                    continue
+                artifact = access.add_artifact(
+                    s,
+                    artifact=Artifact(
+                        team_id=team_id,
+                        job_id=job_id,
+                        kind="classifier",
+                        key=f"{job_id}:{row['ratio']}:{row['eval']}:{row['seed']}",
+                        method=row["method"],
+                        seed=row["seed"],
+                        path=row["checkpoint"],
+                        size_bytes=os.path.getsize(row["checkpoint"]),
+                        meta={"ratio": row["ratio"], "eval": row["eval"], "accuracy": row["accuracy"]},
+                    ),
+                )
+                access.add_model(
+                    s,
+                    model=Model(
+                        team_id=team_id,
+                        job_id=job_id,
+                        artifact_id=artifact.id,
+                        dataset=dataset,
+                        preset=result["spec"]["preset"],
+                        method=row["method"],
+                        variant=row["variant"],
+                        ratio=row["ratio"],
+                        eval=row["eval"],
+                        seed=row["seed"],
+                        classes=row["classes"],
+                        image_size=info["image_size"],
+                        normalisation=normalisation(info),
+                        accuracy=row["accuracy"],
+                        per_class_recall=row["per_class_recall"],
+                        calibration_images=info.get("conformal", {}).get("images", 0),
+                        code_version=result["code_version"],
+                    ),
+                )
             job.outputs = {
                 **job.outputs,
                 "backbones": [
@@ -82,11 +112,36 @@ def save_result(engine: Any, *, job_id: str, team_id: int, dataset: str, result:
                 ],
             }
             s.add(job)
-            hw = result["hardware"]
-            n = len(result["results"])
-            access.add_log(s, job_id=job_id, message=f"stored {n} result row(s); {hw}, {result['wall_time_s']:.1f} s")
+            n, took = len(result["results"]), result["wall_time_s"]
+            access.add_log(
+                s,
+                job_id=job_id,
+                message=f"stored {n} result row(s) and {len(classifiers)} model(s); {result['hardware']}, {took:.1f} s",
+            )
 
     with_retries(go, what="results")
+
+
+def classifier_info(path: Path) -> dict[str, Any]:
+    """A classifier file's fields without its weights."""
+    from inco_core.classifier import load_classifier
+
+    return load_classifier(path)[1]
+
+
+def normalisation(info: dict[str, Any]) -> dict[str, Any]:
+    """How an image becomes the model's input, as a model card says it."""
+    from inco_core.augment import PIXEL_MEAN, PIXEL_STD
+
+    size = info["image_size"]
+    return {
+        "decode": f"one channel (PIL 'L'), resized to {size} x {size} (bilinear) when it is another size",
+        "input": f"float32 [batch, 1, {size}, {size}], pixel values 0-255 (the exports normalise inside)",
+        "pixel_mean": PIXEL_MEAN * 255.0,
+        "pixel_std": PIXEL_STD * 255.0,
+        "features": "standardised with the labelled images' mean and std" if info["eval"] == "linear" else "none",
+        "output": "softmax probabilities, one per class in label order",
+    }
 
 
 def root_cause(exc: BaseException) -> BaseException:

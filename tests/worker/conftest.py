@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,18 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = {"spec": {"ratios": ["1:16"], "preset": "smoke", "resources": {"device": "cpu"}}}
 
 
+@contextmanager
+def ray_head(home: Path) -> Iterator[dict[str, str]]:
+    """A local Ray head while the block runs: the environment that reaches it."""
+    proc, address = start_local_ray(home)
+    try:
+        yield {**ray_env(home), "RAY_ADDRESS": address}
+    finally:
+        stop_local_ray(proc)
+
+
 @pytest.fixture(scope="session")
 def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """One local Ray head for the session (a Ray start costs seconds here)."""
-    home = tmp_path_factory.mktemp("ray-home")
-    proc, address = start_local_ray(home)
-    yield {**ray_env(home), "RAY_ADDRESS": address}
-    stop_local_ray(proc)
+    with ray_head(tmp_path_factory.mktemp("ray-home")) as env:
+        yield env

@@ -14,6 +14,7 @@ import torch
 from inco_core.config import RunSpec
 from inco_core.data import load_images
 from inco_core.splits import stratified_split
+from tests.worker.conftest import ray_head
 from tests.worker.harness import Service, running_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,9 +33,14 @@ TUNE = {
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, neu_path: Path, local_ray: dict[str, str]) -> Iterator[Service]:
+def service(tmp_path_factory: pytest.TempPathFactory, neu_path: Path) -> Iterator[Service]:
+    """A Ray head of its own: a search fills the cluster, and nothing an earlier file left on the
+    shared head (an actor, a placement group) may hold CPUs its trials wait for."""
     home = tmp_path_factory.mktemp("tune-home")
-    with running_service(home, neu_path, local_ray, redis_url=REDIS_TUNE, cpus_per_worker=1) as svc:
+    with (
+        ray_head(home / "ray") as ray,
+        running_service(home, neu_path, ray, redis_url=REDIS_TUNE, cpus_per_worker=1) as svc,
+    ):
         yield svc
 
 
