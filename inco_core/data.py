@@ -19,6 +19,7 @@ entry, so a cached load skips the same files.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections import Counter
@@ -32,8 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from inco_core.errors import DataError, ImageDecodeError
+from inco_core.files import IMAGE_EXTENSIONS, is_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".pgm")
 NEU_ABBREVIATIONS = {
     "cr": "crazing",
     "in": "inclusion",
@@ -76,15 +77,11 @@ class ImageSet:
         return int(self.images.shape[-1])
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def _images_below(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if _is_image(Path(dirpath) / f)]
+        found += [Path(dirpath) / f for f in sorted(filenames) if is_image(Path(dirpath) / f)]
     return found
 
 
@@ -110,7 +107,7 @@ def scan(root: Path) -> list[tuple[Path, str]]:
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder: pass the folder that holds the images")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p for p in root.iterdir() if _is_image(p))
+    loose = sorted(p for p in root.iterdir() if is_image(p))
     class_dirs = [d for d in subdirs if _images_below(d)]
     if class_dirs and loose:
         raise DataError(
@@ -148,9 +145,51 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
             gray = img.convert("L")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(path, str(exc) or type(exc).__name__) from None
+    return _resized(gray, image_size)
+
+
+def _resized(gray: Image.Image, image_size: int) -> np.ndarray:
     if gray.size != (image_size, image_size):
         gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(gray, dtype=np.uint8)
+
+
+# modes whose pixels are not 8-bit: convert("L") would clip them, not scale them
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def decode_bytes(data: bytes, name: str, image_size: int, *, max_pixels: int = 50_000_000) -> np.ndarray:
+    """An uploaded image -> [S, S] uint8 grayscale, exactly as :func:`decode_image` turns a training
+    file into pixels (RGB, RGBA and palette images become one channel the same way).
+
+    Raises:
+        ImageDecodeError: empty, not an image, truncated, over ``max_pixels`` pixels (a decompression
+            bomb: the size is read from the header before any pixel is decoded), or 16/32-bit pixels.
+    """
+    if not data:
+        raise ImageDecodeError(Path(name), "the file is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    Path(name),
+                    f"{width} x {height} pixels is more than the {max_pixels:,} this service decodes "
+                    "(a decompression bomb, or an image to scale down first)",
+                )
+            if img.mode in WIDE_MODES:
+                raise ImageDecodeError(
+                    Path(name),
+                    f"its pixels are {img.mode} (16- or 32-bit); the models read 8-bit images: "
+                    "convert it to 8-bit grayscale first",
+                )
+            img.load()
+            gray = img.convert("L")
+    except ImageDecodeError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ImageDecodeError(Path(name), str(exc) or type(exc).__name__) from None
+    return _resized(gray, image_size)
 
 
 def load_images(

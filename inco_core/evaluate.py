@@ -29,6 +29,16 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class LinearProbe:
+    """What linear evaluation trained on a frozen backbone: the standardisation of its features
+    (mean, std of the labelled training features) and the linear head on top."""
+
+    head: nn.Linear
+    feature_mean: Tensor
+    feature_std: Tensor
+
+
+@dataclass(frozen=True)
 class EvalData:
     """Labelled training images and the test images, uint8 [N, C, S, S] with int64 labels."""
 
@@ -178,7 +188,7 @@ def linear_eval(
     device: torch.device,
     reporter: Reporter | None = None,
     stage: str = "linear",
-) -> Metrics:
+) -> tuple[Metrics, LinearProbe]:
     """Frozen backbone (batch-norm statistics too): embeddings are computed once, then only a
     linear softmax classifier is trained on them. The features are standardised with the mean and
     std of the labelled training features (a fixed affine map, so the classifier stays linear)."""
@@ -211,4 +221,5 @@ def linear_eval(
     reporter.stage_end(stage)
     with torch.no_grad():
         pred = head(test_f).argmax(dim=1).cpu()
-    return classification_metrics(pred, data.test_labels, data.classes)
+    probe = LinearProbe(head.cpu().eval(), mean.float().cpu(), std.float().cpu())
+    return classification_metrics(pred, data.test_labels, data.classes), probe

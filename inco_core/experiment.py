@@ -5,6 +5,7 @@ This is what ``inco run`` calls in-process and what the worker calls inside Ray 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from inco_core.checkpoint import code_version, load_checkpoint, save_checkpoint
+from inco_core.classifier import Predictor, conformal_scores, save_classifier
 from inco_core.config import METHODS, RunSpec, TrainingConfig, config_hash
 from inco_core.data import ImageSet, load_images
 from inco_core.device import hardware, prepare_model, select_device
@@ -29,6 +31,7 @@ from inco_core.progress import Reporter
 from inco_core.splits import Split, labelled_subsets, stratified_split
 from inco_core.train import pretrain
 
+MAX_CALIBRATION = 2000  # labelled images held out from fine-tuning that calibrate a classifier's sets
 DISPLAY_NAMES = {
     "inco": "InCo",
     "simclr": "SimCLR",
@@ -313,33 +316,58 @@ class Experiment:
         data: EvalData,
         *,
         seed: int,
+        ratio: str,
         stage: str,
         pretrained: bool,
         fingerprint: str,
-    ) -> tuple[Metrics, str | None]:
+        calibration: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[Metrics, str]:
+        """Train and test one classifier; write it as a classifier file (with its split-conformal
+        calibration scores) and return its metrics and the file."""
         if mode == "linear":
-            return linear_eval(
+            metrics, probe = linear_eval(
                 backbone, data, self.cfg.linear, seed=seed, device=self.device, reporter=self.reporter, stage=stage
-            ), None
-        metrics, model = finetune(
-            backbone,
-            data,
-            self.cfg.finetune,
-            seed=seed,
-            device=self.device,
-            backbone_lr_scale=None if pretrained else 1.0,
-            reporter=self.reporter,
-            stage=stage,
-        )
+            )
+            model = Predictor(
+                copy.deepcopy(backbone), probe.head, feature_mean=probe.feature_mean, feature_std=probe.feature_std
+            )
+        else:
+            metrics, trained = finetune(
+                backbone,
+                data,
+                self.cfg.finetune,
+                seed=seed,
+                device=self.device,
+                backbone_lr_scale=None if pretrained else 1.0,
+                reporter=self.reporter,
+                stage=stage,
+            )
+            model = Predictor(trained.backbone, trained.head)
+        model = model.to(self.device).eval()
+        images, labels = calibration
+        with torch.no_grad():
+            probs = torch.cat([model(c.to(self.device).float()).float().cpu() for c in images.split(256)])
+        scores = conformal_scores(probs, labels) if len(labels) else torch.zeros(0)
         ckpt = self.run_dir / "checkpoints" / f"{stage.replace(' ', '-').replace(':', 'r')}-seed{seed}.pt"
-        save_checkpoint(
+        save_classifier(
             ckpt,
-            kind="finetune",
+            model.cpu(),
+            eval_mode=mode,
             method=self.spec.method,
-            state_dict=model.state_dict(),
-            config=self.cfg.model_dump(mode="json"),
-            data_fingerprint=fingerprint,
-            meta={"seed": seed, "classes": data.classes, "accuracy": metrics.accuracy},
+            seed=seed,
+            ratio=ratio,
+            classes=data.classes,
+            image_size=int(data.test_images.shape[-1]),
+            conformal_scores=scores,
+            meta={
+                "accuracy": metrics.accuracy,
+                "per_class_recall": metrics.per_class_recall,
+                "data_fingerprint": fingerprint,
+                "code_version": code_version(),
+                "config": self.cfg.model_dump(mode="json"),
+                "spec": self.spec.model_dump(mode="json"),
+                "calibration": "labelled training images outside the fine-tuning subset",
+            },
         )
         return metrics, str(ckpt)
 
@@ -377,6 +405,9 @@ class Experiment:
                 else:
                     torch.manual_seed(seed)
                     backbone = prepare_model(Backbone(), self.device)
+                held_out = ~torch.isin(torch.as_tensor(split.train), torch.as_tensor(subsets[ratio]))
+                calib_idx = torch.as_tensor(split.train)[held_out][:MAX_CALIBRATION]
+                calibration = (ds.images[calib_idx], ds.labels[calib_idx])
                 data = EvalData(
                     ds.images[subsets[ratio]],
                     ds.labels[subsets[ratio]],
@@ -392,9 +423,11 @@ class Experiment:
                         backbone,
                         data,
                         seed=seed,
+                        ratio=f"1:{ratio}",
                         stage=stage,
                         pretrained=info is not None,
                         fingerprint=ds.fingerprint,
+                        calibration=calibration,
                     )
                     rows.append(
                         ResultRow(

@@ -125,7 +125,7 @@ def run_trial(
         metrics: dict[str, float] = {"epoch": epoch}
         if rank == 0:
             with torch.random.fork_rng(devices=[]):  # the probe's seeding must not move training's RNG
-                probe = linear_eval(method.backbone, val_data, cfg.linear, seed=seed, device=device)
+                probe, _ = linear_eval(method.backbone, val_data, cfg.linear, seed=seed, device=device)
             metrics["score"] = probe.accuracy
             last.clear()
             last.update(metrics)

@@ -20,7 +20,21 @@ from server.store import access
 from server.store.db import make_engine, migrate, session_scope
 
 PG_ADMIN = os.environ.get("INCO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_TEST = os.environ.get("INCO_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def _redis_test_url() -> str:
+    """Redis database 15, or under pytest-xdist one database per test process (gw0: 15, gw1: 1, gw2: 2,
+    ... gw4: 4), so two processes never flush each other's. Files with a database of their own
+    (5, 7, 8, 10-14) run whole in one process (``--dist loadfile``)."""
+    if "INCO_TEST_REDIS" in os.environ:
+        return os.environ["INCO_TEST_REDIS"]
+    n = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    if n > 4:
+        raise RuntimeError("at most 5 test processes share this Redis (pytest -n 5); set INCO_TEST_REDIS per process")
+    return f"redis://127.0.0.1:6379/{15 if n == 0 else n}"
+
+
+REDIS_TEST = _redis_test_url()
 
 
 @contextmanager
@@ -100,11 +114,11 @@ def engine(settings: Settings):
     engine.dispose()
 
 
-ALL_SCOPES = ["read", "submit", "admin"]
+ALL_SCOPES = ["read", "submit", "admin", "predict"]
 
 
 def make_team(engine, name: str, scopes: list[str] | None = None) -> str:
-    """A token of team ``name`` (created when new) with ``scopes`` (default all three)."""
+    """A token of team ``name`` (created when new) with ``scopes`` (default: every scope)."""
     with session_scope(engine) as s:
         return access.create_token(s, team=access.ensure_team(s, name=name), scopes=scopes or ALL_SCOPES)
 

@@ -12,13 +12,17 @@ from fastapi.responses import JSONResponse
 from server import queue
 from server.api import errors, observability, security
 from server.api.limits import BodySizeLimit
-from server.api.routes import artifacts, datasets, jobs, results, tokens
+from server.api.routes import artifacts, datasets, jobs, models, results, tokens
 from server.errors import ServiceUnavailable
 from server.logs import setup_logging
 from server.settings import Settings
 from server.store.db import Migrator, make_engine, ping
 
 API_VERSION = "1"
+READINESS = {
+    "description": "`status` (`ready` or `not ready`), then `ok` or what is wrong for each dependency",
+    "content": {"application/json": {"schema": {"type": "object", "additionalProperties": {"type": "string"}}}},
+}
 
 
 def settle_heap() -> None:
@@ -71,7 +75,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True,
     app.add_middleware(BodySizeLimit)  # 413 for bodies over max_body_bytes / max_upload_bytes
     observability.install(app)  # GET /metrics; request latency and one log line per request
     security.install(app, settings)  # security headers on every answer; CORS only for INCO_CORS_ORIGINS
-    for module in (jobs, results, datasets, artifacts, tokens):
+    for module in (jobs, results, datasets, artifacts, models, tokens):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])
@@ -79,7 +83,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True,
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"description": "a dependency is down"}})
+    @app.get("/readyz", tags=["health"], responses={200: READINESS, 503: {**READINESS, "description": "not ready"}})
     def readyz(request: Request) -> JSONResponse:
         """Redis and the database answer."""
         checks: dict[str, str] = {}

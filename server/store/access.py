@@ -13,7 +13,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, or_
 from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -33,6 +33,7 @@ from server.store.models import (
     JobStatus,
     LeaderboardRow,
     Metric,
+    Model,
     Result,
     Scope,
     Team,
@@ -59,7 +60,7 @@ def ensure_team(session: Session, *, name: str) -> Team:
 
 
 def check_scopes(scopes: list[str] | None) -> list[str]:
-    """``scopes`` as stored: known names, each once, in the order read, submit, admin; None gives the
+    """``scopes`` as stored: known names, each once, in the order read, submit, admin, predict; None gives the
     default (read and submit). Raises ConfigError naming the unknown ones."""
     if scopes is None:
         return list(DEFAULT_SCOPES)
@@ -636,12 +637,16 @@ def set_error(session: Session, *, job_id: str, error: str) -> None:
         session.add(job)
 
 
-def touch_job(session: Session, *, job_id: str) -> None:
-    """Stamp a running job's heartbeat."""
+def touch_job(session: Session, *, job_id: str) -> int | None:
+    """Stamp a running job's heartbeat; returns the job's attempt count (None when there is no such job),
+    so a process running an older attempt can tell that a newer one started."""
     job = session.get(Job, job_id)
-    if job is not None and job.status == JobStatus.running:
+    if job is None:
+        return None
+    if job.status == JobStatus.running:
         job.heartbeat_at = utcnow()
         session.add(job)
+    return job.attempts
 
 
 def jobs_with_status(session: Session, *, status: JobStatus, before: datetime) -> list[Job]:
@@ -652,4 +657,63 @@ def jobs_with_status(session: Session, *, status: JobStatus, before: datetime) -
 
 def stale_running_jobs(session: Session, *, before: datetime) -> list[Job]:
     """Running jobs whose last heartbeat is older than ``before`` (their worker probably died)."""
-    return list(session.exec(select(Job).where(Job.status == JobStatus.running, col(Job.heartbeat_at) < before)).all())
+    stale = or_(col(Job.heartbeat_at) < before, col(Job.heartbeat_at).is_(None))
+    return list(session.exec(select(Job).where(Job.status == JobStatus.running, stale)).all())
+
+
+# -- models -------------------------------------------------------------------------------------------
+def add_model(session: Session, *, model: Model) -> Model:
+    """Register a classifier; a second registration of the same (job, ratio, eval, seed) keeps the first
+    (a job re-run after its worker died)."""
+    existing = session.exec(
+        select(Model).where(
+            Model.job_id == model.job_id, Model.ratio == model.ratio, Model.eval == model.eval, Model.seed == model.seed
+        )
+    ).first()
+    if existing is not None:
+        return existing
+    session.add(model)
+    session.flush()
+    return model
+
+
+def list_models(
+    session: Session,
+    *,
+    team_id: int,
+    method: str | None = None,
+    ratio: str | None = None,
+    eval_mode: str | None = None,
+    dataset: str | None = None,
+    job_id: str | None = None,
+    best: bool = False,
+) -> list[Model]:
+    """The team's models, newest first; ``best`` keeps the most accurate of each (data set, ratio)
+    (the newest among equals), best ratio first in label order 1:1, 1:2, ..."""
+    query = select(Model).where(Model.team_id == team_id)
+    for column, value in (
+        (Model.method, method),
+        (Model.ratio, ratio),
+        (Model.eval, eval_mode),
+        (Model.dataset, dataset),
+        (Model.job_id, job_id),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    rows = list(session.exec(query.order_by(col(Model.created_at).desc(), col(Model.id).desc())).all())
+    if not best:
+        return rows
+    top: dict[tuple[str, str], Model] = {}
+    for m in rows:
+        key = (m.dataset, m.ratio)
+        if key not in top or m.accuracy > top[key].accuracy:
+            top[key] = m
+    return sorted(top.values(), key=lambda m: (m.dataset, int(m.ratio.split(":")[1])))
+
+
+def get_model(session: Session, *, team_id: int, model_id: int) -> Model:
+    """The team's model ``model_id``; another team's model is not found either."""
+    model = session.get(Model, model_id)
+    if model is None or model.team_id != team_id:
+        raise NotFound(f"the team has no model {model_id}; list them with `inco models` (GET /v1/models)")
+    return model

@@ -63,15 +63,20 @@ class Team(SQLModel, table=True):
     max_gpus: int | None = Field(
         default=None, description="GPUs of queued + running jobs at once; None: the server's INCO_MAX_GPUS"
     )
+    review_level: float | None = Field(
+        default=None, description="coverage of the team's conformal prediction sets; None: 0.9"
+    )
 
 
 class Scope(StrEnum):
     """What a token may do: ``read`` the team's things, ``submit`` (and cancel) jobs and register data
-    sets, ``admin``: manage the team's tokens and limits."""
+    sets, ``admin``: manage the team's tokens and limits, ``predict``: run the team's models on images
+    (a line station's token needs nothing else)."""
 
     read = "read"
     submit = "submit"
     admin = "admin"
+    predict = "predict"
 
 
 DEFAULT_SCOPES = [Scope.read.value, Scope.submit.value]
@@ -404,4 +409,51 @@ class ArtifactPublic(SQLModel):
     method: str
     seed: int
     size_bytes: int
+    created_at: datetime
+
+
+class Model(SQLModel, table=True):
+    """A trained classifier of a team: one per (job, ratio, evaluation, seed). Its weights are a
+    classifier file in the artifact store (``artifact_id``); this row describes it."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("job_id", "ratio", "eval", "seed"),)
+    id: int | None = Field(default=None, primary_key=True)
+    team_id: int = Field(foreign_key="teams.id", index=True)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=32)
+    artifact_id: int = Field(foreign_key="artifacts.id")
+    dataset: str = Field(max_length=64)
+    preset: str = Field(max_length=16)
+    method: str = Field(max_length=32)
+    variant: str = Field(max_length=64)
+    ratio: str = Field(max_length=8)
+    eval: str = Field(max_length=16)
+    seed: int
+    classes: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    image_size: int
+    normalisation: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    accuracy: float
+    per_class_recall: dict[str, float] = Field(sa_column=Column(JSON, nullable=False))
+    calibration_images: int = Field(default=0, description="labelled images its conformal sets are calibrated on")
+    code_version: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelPublic(SQLModel):
+    id: int
+    job_id: str
+    dataset: str
+    preset: str
+    method: str
+    variant: str
+    ratio: str
+    eval: str
+    seed: int
+    classes: list[str]
+    image_size: int
+    normalisation: dict[str, Any]
+    accuracy: float
+    per_class_recall: dict[str, float]
+    calibration_images: int
+    code_version: str
     created_at: datetime

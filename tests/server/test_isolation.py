@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from server.store import access
 from server.store.db import session_scope
-from server.store.models import Artifact
+from server.store.models import Artifact, Model
 from tests.server.test_store import _result_dict
 from tests.service_fixtures import auth, make_team
 
@@ -33,13 +33,14 @@ class TeamB:
     job_id: str  # a tune job with a metric, a log, a trial, a result and an artifact
     dataset: str = "b-private"
     artifact_key: str = "b-backbone-key"
+    model_id: int = 0
 
     @property
     def prefix(self) -> str:
         return self.token[:12]
 
     def fill(self, template: str) -> str:
-        return template.format(job_id=self.job_id, prefix=self.prefix)
+        return template.format(job_id=self.job_id, prefix=self.prefix, model_id=self.model_id)
 
     @property
     def secrets(self) -> list[str]:
@@ -76,6 +77,41 @@ def teams(client: TestClient) -> tuple[dict[str, str], TeamB]:
                 size_bytes=10,
             ),
         )
+        classifier = access.add_artifact(
+            s,
+            artifact=Artifact(
+                team_id=job.team_id,
+                job_id=job.id,
+                kind="classifier",
+                key="b-model",
+                method="inco",
+                seed=0,
+                path="/artifacts/b-model.pt",
+                size_bytes=10,
+            ),
+        )
+        model = access.add_model(
+            s,
+            model=Model(
+                team_id=job.team_id,
+                job_id=job.id,
+                artifact_id=classifier.id,
+                dataset="b-private",
+                preset="smoke",
+                method="inco",
+                variant="InCo with DWV",
+                ratio="1:16",
+                eval="finetune",
+                seed=0,
+                classes=["a", "b"],
+                image_size=32,
+                normalisation={},
+                accuracy=0.5,
+                per_class_recall={"a": 0.5, "b": 0.5},
+                code_version="v",
+            ),
+        )
+        beta.model_id = model.id
     return auth(a), beta
 
 
@@ -137,6 +173,13 @@ def create_token_for_b(client: TestClient, a: dict[str, str], b: TeamB) -> None:
     assert "a-ci" not in client.get("/v1/tokens", headers=auth(b.token)).text
 
 
+def predict_b_model(client: TestClient, a: dict[str, str], b: TeamB) -> None:
+    """A cannot run B's model: 404, as for a model that does not exist."""
+    files = [("files", ("a.png", b"\x89PNG", "image/png"))]
+    r = client.post(f"/v1/models/{b.model_id}/predict", files=files, headers=a)
+    assert r.status_code == 404 and "no model" in r.json()["detail"], r.text
+
+
 CROSS_TEAM: dict[tuple[str, str], Check] = {
     ("GET", "/v1/jobs"): listing("/v1/jobs"),
     ("POST", "/v1/jobs"): submit_naming_b,
@@ -153,6 +196,11 @@ CROSS_TEAM: dict[tuple[str, str], Check] = {
     ("GET", "/v1/tokens"): listing("/v1/tokens"),
     ("POST", "/v1/tokens"): create_token_for_b,
     ("POST", "/v1/tokens/{prefix}/revoke"): not_found("POST", "/v1/tokens/{prefix}/revoke", "no token of your team"),
+    ("GET", "/v1/models"): listing("/v1/models"),
+    ("GET", "/v1/models/{model_id}"): not_found("GET", "/v1/models/{model_id}", "no model"),
+    ("GET", "/v1/models/{model_id}/card"): not_found("GET", "/v1/models/{model_id}/card", "no model"),
+    ("GET", "/v1/models/{model_id}/file"): not_found("GET", "/v1/models/{model_id}/file", "no model"),
+    ("POST", "/v1/models/{model_id}/predict"): predict_b_model,
     ("POST", "/v1/datasets"): register_b_name,  # last: from here on A has a data set named like B's
 }
 """Run in this order: what A's request about B's thing must get, per route."""
@@ -195,16 +243,18 @@ def test_team_a_cannot_reach_team_b_on_any_route(client: TestClient, teams: tupl
     assert client.get(f"/v1/jobs/{b.job_id}", headers=bh).json()["status"] == "queued"
     assert [t["revoked_at"] for t in client.get("/v1/tokens", headers=bh).json()] == [None]
     assert len(client.get(f"/v1/jobs/{b.job_id}/results", headers=bh).json()) == 1
-    assert [x["key"] for x in client.get(f"/v1/jobs/{b.job_id}/artifacts", headers=bh).json()] == [b.artifact_key]
-    assert [x["key"] for x in client.get(f"/v1/artifacts?job_id={b.job_id}", headers=bh).json()] == [b.artifact_key]
+    keys = [b.artifact_key, "b-model"]
+    assert [x["key"] for x in client.get(f"/v1/jobs/{b.job_id}/artifacts", headers=bh).json()] == keys
+    assert [x["key"] for x in client.get(f"/v1/artifacts?job_id={b.job_id}", headers=bh).json()] == keys
+    assert [m["id"] for m in client.get("/v1/models", headers=bh).json()] == [b.model_id]
     assert [t["number"] for t in client.get(f"/v1/jobs/{b.job_id}/trials", headers=bh).json()] == [1]
 
 
 def test_artifact_lists_hide_server_paths(client: TestClient, teams: tuple[dict[str, str], TeamB]) -> None:
     _, b = teams
     r = client.get("/v1/artifacts", headers=auth(b.token))
-    assert r.status_code == 200 and len(r.json()) == 1
-    assert "path" not in r.json()[0] and "/artifacts/b.pt" not in r.text
+    assert r.status_code == 200 and len(r.json()) == 2
+    assert "path" not in r.json()[0] and "/artifacts/b.pt" not in r.text and "/artifacts/b-model.pt" not in r.text
     assert client.get(f"/v1/artifacts?job_id={'0' * 32}", headers=auth(b.token)).json() == []
     for url in ("/v1/artifacts?job_id=a%00b", "/v1/jobs/a%00b/artifacts"):  # PostgreSQL refuses NUL bytes
         r = client.get(url, headers=auth(b.token))
