@@ -132,14 +132,19 @@ class ApiClient:
         body: Any = None,
         content: IO[bytes] | None = None,
         content_type: str | None = None,
+        files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
+        raw: bool = False,
     ) -> Any:
-        """``body`` is sent as JSON; ``content`` (an open file, streamed) as ``content_type``."""
+        """``body`` is sent as JSON; ``content`` (an open file, streamed) as ``content_type``; ``files``
+        as multipart form fields. Returns the JSON answer, or with ``raw`` the response itself."""
         params = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             if content is not None:
                 response = self.http.request(
                     method, path, params=params, content=content, headers={"Content-Type": str(content_type)}
                 )
+            elif files is not None:
+                response = self.http.request(method, path, params=params, files=files)
             else:
                 response = self.http.request(method, path, params=params, json=body)
         except httpx.ConnectError:
@@ -157,6 +162,8 @@ class ApiClient:
             raise ClientError(f"{_detail(response)} ({TOKEN_FIX})")
         if response.status_code >= 400:
             raise ClientError(_detail(response))
+        if raw:
+            return response
         try:
             return response.json()
         except ValueError:
@@ -202,6 +209,24 @@ class ApiClient:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", job_path(job_id, "/cancel"))
+
+    # -- models ----------------------------------------------------------------------------------------
+    def models(self, **filters: Any) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/models", params=filters)
+
+    def model_file(self, model_id: int, fmt: str) -> httpx.Response:
+        return self.request("GET", f"/v1/models/{model_id}/file", params={"format": fmt}, raw=True)
+
+    def model_card(self, model_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/v1/models/{model_id}/card")
+
+    def predict(
+        self, model_id: int, images: list[tuple[str, bytes]], *, level: float | None, top_k: int
+    ) -> dict[str, Any]:
+        files = [("files", (name, data, "application/octet-stream")) for name, data in images]
+        return self.request(
+            "POST", f"/v1/models/{model_id}/predict", params={"level": level, "top_k": top_k}, files=files
+        )
 
     # -- results and data sets -------------------------------------------------------------------------
     def leaderboard(self, **filters: str | None) -> list[dict[str, Any]]:

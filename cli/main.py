@@ -7,25 +7,25 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from cli import service, stack
+from cli import models, service, stack
+from cli.common import App, err_console, fail, spec_fields
 from cli.render import RichReporter, results_table
 from inco_core.config import METHODS, PRESETS, load_spec
 from inco_core.errors import InCoError
 from server.settings import Settings
 
-app = typer.Typer(
+app = App(
     name="inco",
     help="InCo: instance-contrast pretraining and evaluation for steel-defect recognition.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err_console = Console(stderr=True)
 
 
 @app.callback()
@@ -33,59 +33,16 @@ def _root() -> None:
     """InCo: instance-contrast pretraining and evaluation for steel-defect recognition."""
 
 
-EVAL_CHOICES = {"finetune": ["finetune"], "linear": ["linear"], "both": ["finetune", "linear"]}
-
-
-def fail(message: str) -> None:
-    """One red line on stderr, exit 1: the CLI never shows a traceback for a user's mistake."""
-    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def spec_fields(
-    *,
-    method: str,
-    ratio: list[str] | None,
-    eval_: str,
-    preset: str,
-    optimizer: str,
-    set_: list[str] | None,
-    seed: list[int] | None,
-) -> dict[str, Any]:
-    """The run-spec fields shared by ``inco run`` and ``inco submit``, from their options."""
-    if eval_ not in EVAL_CHOICES:
-        fail(f"--eval must be finetune, linear or both (got {eval_!r})")
-    return {
-        "method": method,
-        "ratios": ratio or ["1:16"],
-        "evals": EVAL_CHOICES[eval_],
-        "preset": preset,
-        "optimizer": optimizer,
-        "overrides": parse_overrides(set_ or []),
-        "seeds": seed or [0],
-    }
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key.path=value`` pairs; values are JSON when they parse (numbers, true, null, lists)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            fail(f"--set takes key=value, like --set pretrain.epochs=10 (got {pair!r})")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
-
-
 @app.command()
 def run(
     method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "inco",
     ratio: Annotated[list[str] | None, typer.Option(help="label ratio 1:N; repeat for several")] = None,
-    eval_: Annotated[str, typer.Option("--eval", help="finetune, linear or both")] = "finetune",
+    eval_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--eval", help="finetune, linear or both; repeat for several, run in that order", show_default="finetune"
+        ),
+    ] = None,
     preset: Annotated[str, typer.Option(help=f"one of {', '.join(PRESETS)}")] = "cpu",
     data: Annotated[Path | None, typer.Option(help="image folder (class sub-folders); default $INCO_DATA")] = None,
     seed: Annotated[list[int] | None, typer.Option(help="seed; repeat for several (mean and std)")] = None,
@@ -97,8 +54,6 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON on stdout")] = False,
 ) -> None:
     """Pretrain (or reuse a backbone), evaluate at every ratio, print and save the results."""
-    from inco_core.experiment import Experiment, FolderBackboneStore  # torch loads here, not for --help
-
     settings = Settings()
     data_path = data or settings.data
     if data_path is None:
@@ -108,6 +63,9 @@ def run(
     )
     try:
         spec = load_spec({**fields, "data": {"path": str(data_path)}, "resources": {"device": device}})
+        # torch loads here: not for --help, nor for a spec that is wrong (its error comes in a second)
+        from inco_core.experiment import Experiment, FolderBackboneStore
+
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_dir = out or settings.runs_dir / f"{stamp}-{method}-{uuid.uuid4().hex[:6]}"
         with RichReporter(err_console) as reporter:
@@ -134,6 +92,7 @@ def run(
 
 stack.register(app)
 service.register(app)
+models.register(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

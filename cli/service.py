@@ -11,12 +11,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from cli.client import ApiClient, ClientError
+from cli.common import App, err_console, fail, spec_fields
 from cli.render import (
     STATUS_STYLE,
     JobProgress,
@@ -37,22 +38,6 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON on stdout")]
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _fail(message: str, code: int = 1) -> NoReturn:
-    from cli.main import err_console, fail
-
-    if code == 1:
-        fail(message)
-        raise typer.Exit(1)  # fail() exits; this line is for the type checker
-    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _err() -> Console:
-    from cli.main import err_console
-
-    return err_console
-
-
 @contextmanager
 def _api() -> Iterator[ApiClient]:
     """A client of the API; a failed request ends the command with one red line."""
@@ -60,9 +45,9 @@ def _api() -> Iterator[ApiClient]:
         with ApiClient.from_env() as api:
             yield api
     except ClientError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except KeyboardInterrupt:
-        _err().print("[yellow]Interrupted.[/]")
+        err_console.print("[yellow]Interrupted.[/]")
         raise typer.Exit(130) from None
 
 
@@ -93,7 +78,7 @@ def _follow(api: ApiClient, job_id: str, timeout_s: float | None) -> dict[str, A
     """Poll the job (and its metrics) until it ends; status changes and live bars go to stderr."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = None
-    with JobProgress(_err()) as progress:
+    with JobProgress(err_console) as progress:
         while True:
             job = api.get_job(job_id)
             if job["status"] != last:
@@ -115,7 +100,7 @@ def _wait_and_report(api: ApiClient, job_id: str, timeout_s: float | None, as_js
         job = _follow(api, job_id, timeout_s)
     except _Timeout as exc:
         job = exc.job
-        _fail(
+        fail(
             f"job {job_id} is still {job['status']} after {timeout_s:g} s: keep waiting with "
             f"`inco wait {job_id}`, or stop it with `inco cancel {job_id}`",
             TIMEOUT_EXIT,
@@ -127,7 +112,7 @@ def _wait_and_report(api: ApiClient, job_id: str, timeout_s: float | None, as_js
         elif trials:
             Console().print(trials_table(trials, title=f"tune job {job_id}: trials, best first"))
         if job["status"] == "succeeded" and not as_json:
-            _err().print(f"submit the best settings with `inco submit --from-tune {job_id} --ratio 1:N`")
+            err_console.print(f"submit the best settings with `inco submit --from-tune {job_id} --ratio 1:N`")
         results: list[dict[str, Any]] = trials
     else:
         results = api.job_results(job_id)
@@ -136,27 +121,32 @@ def _wait_and_report(api: ApiClient, job_id: str, timeout_s: float | None, as_js
         elif results:
             Console().print(job_results_table(results))
     if job["status"] == "failed":
-        _fail(f"job {job_id} failed: {job.get('error') or 'no error was recorded'} (see `inco logs {job_id}`)")
+        fail(f"job {job_id} failed: {job.get('error') or 'no error was recorded'} (see `inco logs {job_id}`)")
     if job["status"] == "canceled":
-        _fail(f"job {job_id} was canceled" + (f": {job['error']}" if job.get("error") else ""))
+        fail(f"job {job_id} was canceled" + (f": {job['error']}" if job.get("error") else ""))
     if not results and not as_json:
-        _err().print(f"job {job_id} succeeded; it has no result rows ({job['kind']} job)", highlight=False)
+        err_console.print(f"job {job_id} succeeded; it has no result rows ({job['kind']} job)", highlight=False)
 
 
 # -- commands ------------------------------------------------------------------------------------
 def submit(
     method: Annotated[
-        str | None, typer.Option(help="inco, simclr, mocov2, simsiam or supervised [default: inco]")
+        str | None, typer.Option(help="inco, simclr, mocov2, simsiam or supervised", show_default="inco")
     ] = None,
     ratio: Annotated[list[str] | None, typer.Option(help="label ratio 1:N; repeat for several")] = None,
-    eval_: Annotated[str, typer.Option("--eval", help="finetune, linear or both")] = "finetune",
-    preset: Annotated[str | None, typer.Option(help="paper, cpu or smoke [default: cpu]")] = None,
+    eval_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--eval", help="finetune, linear or both; repeat for several, run in that order", show_default="finetune"
+        ),
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="paper, cpu or smoke", show_default="cpu")] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="a data set registered with `inco datasets add` [default: default]")
+        str | None, typer.Option(help="a data set registered with `inco datasets add`", show_default="default")
     ] = None,
     seed: Annotated[list[int] | None, typer.Option(help="seed; repeat for several (mean and std)")] = None,
     optimizer: Annotated[
-        str | None, typer.Option(help="pretraining optimiser: default or paper-literal [default: default]")
+        str | None, typer.Option(help="pretraining optimiser: default or paper-literal", show_default="default")
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set pretrain.epochs=10")] = None,
     kind: Annotated[
@@ -171,9 +161,11 @@ def submit(
             "unless given here",
         ),
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [default: auto]")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Ray Train workers [default: 1]")] = None,
-    gpus_per_worker: Annotated[float | None, typer.Option(min=0, help="GPUs each worker asks for [default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda", show_default="auto")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Ray Train workers", show_default="1")] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(min=0, help="GPUs each worker asks for", show_default="0")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the job until it ends, like `inco wait`")] = False,
     timeout: Annotated[float | None, typer.Option(min=0, help="with --wait: give up after this many seconds")] = None,
     as_json: JsonFlag = False,
@@ -194,7 +186,7 @@ def submit(
         inherit=from_tune is not None,
     )
     if from_tune and (kind not in (None, "experiment") or pretrained):
-        _fail("--from-tune submits an experiment: leave out --kind and --pretrained")
+        fail("--from-tune submits an experiment: leave out --kind and --pretrained")
     kind = kind or ("finetune" if pretrained else "experiment")
     with _api() as api:
         job = api.submit_job(kind=kind, spec=spec, pretrained_job=pretrained, from_tune=from_tune)
@@ -205,7 +197,7 @@ def _spec(
     *,
     method: str | None,
     ratio: list[str] | None,
-    eval_: str,
+    eval_: list[str] | None,
     preset: str | None,
     dataset: str | None,
     seed: list[int] | None,
@@ -218,8 +210,6 @@ def _spec(
 ) -> dict[str, Any]:
     """The run spec of the options. With ``inherit`` (``--from-tune``) the options left out are left
     out of the spec too, so the service takes them from the tune job."""
-    from cli.main import spec_fields
-
     spec = spec_fields(
         method=method or "inco",
         ratio=ratio,
@@ -262,7 +252,7 @@ def _submitted(api: ApiClient, job: dict[str, Any], *, wait: bool, timeout: floa
     if job.get("outputs", {}).get("from_tune"):
         picked = job["outputs"]["from_tune"]
         what += f", trial {picked['trial']} of tune job {picked['job']}"
-    _err().print(
+    err_console.print(
         f"submitted {what})" + ("" if wait else f": follow it with `inco wait {job['id']}`"),
         highlight=False,
         soft_wrap=True,
@@ -277,16 +267,18 @@ def tune(
     method: Annotated[str, typer.Option(help="inco (all parameters), or simclr, mocov2, simsiam (lr only)")] = "inco",
     param: Annotated[
         list[str] | None,
-        typer.Option(help="what to search: t1, t2, a_f, views, lr; repeat [default: all five for inco, lr otherwise]"),
+        typer.Option(
+            help="what to search: t1, t2, a_f, views, lr; repeat", show_default="all five for inco, lr otherwise"
+        ),
     ] = None,
     max_concurrent: Annotated[
-        int | None, typer.Option(min=1, help="trials at once [default: what the Ray cluster fits]")
+        int | None, typer.Option(min=1, help="trials at once", show_default="what the Ray cluster fits")
     ] = None,
     val_fraction: Annotated[
         float, typer.Option(min=0.1, max=0.9, help="share of the labelled training images that scores trials")
     ] = 0.5,
     grace_epochs: Annotated[
-        int | None, typer.Option(min=1, help="ASHA: epochs before a trial may be stopped [default: epochs/4]")
+        int | None, typer.Option(min=1, help="ASHA: epochs before a trial may be stopped", show_default="epochs/4")
     ] = None,
     preset: Annotated[str, typer.Option(help="paper, cpu or smoke")] = "cpu",
     dataset: Annotated[str, typer.Option(help="a data set registered with `inco datasets add`")] = "default",
@@ -307,7 +299,7 @@ def tune(
     spec = _spec(
         method=method,
         ratio=[ratio],
-        eval_="linear",
+        eval_=["linear"],
         preset=preset,
         dataset=dataset,
         seed=[seed],
@@ -368,7 +360,7 @@ def jobs(
     if as_json:
         _print_json(rows)
     elif not rows:
-        _err().print("no jobs" + (f" with status {status}" if status else "") + ": submit one with `inco submit`")
+        err_console.print("no jobs" + (f" with status {status}" if status else "") + ": submit one with `inco submit`")
     else:
         Console().print(jobs_table(rows))
 
@@ -417,7 +409,7 @@ def results(
 
     json and csv give the raw rows, accuracy as a fraction. With --tune JOB_ID: the search's trials."""
     if format_ not in ("table", "json", "csv"):
-        _fail(f"--format must be table, json or csv (got {format_!r})")
+        fail(f"--format must be table, json or csv (got {format_!r})")
     if tune_job is not None:
         _tune_results(tune_job, format_)
         return
@@ -430,7 +422,7 @@ def results(
         writer.writerow(CSV_FIELDS)
         writer.writerows([row[f] for f in CSV_FIELDS] for row in rows)
     elif not rows:
-        _err().print("no results yet: submit a job with `inco submit`, or loosen the filters")
+        err_console.print("no results yet: submit a job with `inco submit`, or loosen the filters")
     else:
         console = Console()
         for table in leaderboard_tables(rows):
@@ -451,12 +443,12 @@ def _tune_results(job_id: str, format_: str) -> None:
         for rank, row in enumerate(rows, start=1):
             writer.writerow((rank, *(json.dumps(row[f]) if f == "params" else row[f] for f in TRIAL_FIELDS)))
     elif not rows:
-        _err().print(f"tune job {job_id} has no trials yet: `inco wait {job_id}` follows it")
+        err_console.print(f"tune job {job_id} has no trials yet: `inco wait {job_id}` follows it")
     else:
         Console().print(trials_table(rows, title=f"tune job {job_id}: trials, best first"))
 
 
-datasets_app = typer.Typer(help="Data sets registered with the service; `inco datasets` lists them.")
+datasets_app = App(help="Data sets registered with the service; `inco datasets` lists them.")
 
 
 @datasets_app.callback(invoke_without_command=True)
@@ -469,7 +461,7 @@ def datasets(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     if as_json:
         _print_json(rows)
     elif not rows:
-        _err().print("no data sets: register a folder with `inco datasets add NAME PATH`")
+        err_console.print("no data sets: register a folder with `inco datasets add NAME PATH`")
     else:
         Console().print(datasets_table(rows))
 
@@ -495,7 +487,7 @@ def datasets_upload(
 ) -> None:
     """Upload an archive of class folders; the server unpacks it under its data root and registers it."""
     if not archive.is_file():
-        _fail(f"no file {archive}: pass the path of a .zip, .tar or .tar.gz of class folders")
+        fail(f"no file {archive}: pass the path of a .zip, .tar or .tar.gz of class folders")
     with _api() as api:
         ds = api.upload_dataset(name=name, archive=archive)
     Console(highlight=False).print(
@@ -504,7 +496,7 @@ def datasets_upload(
     )
 
 
-def register(app: typer.Typer) -> None:
+def register(app: App) -> None:
     for command in (submit, tune, jobs, status, wait, logs, cancel, results):
         app.command()(command)
     app.add_typer(datasets_app, name="datasets")

@@ -18,19 +18,16 @@ from urllib.parse import urlparse
 
 import typer
 
+from cli.common import App, fail
 from server.settings import Settings
 
-admin_app = typer.Typer(help="Administration on the store directly (teams, tokens, data sets).", no_args_is_help=True)
-token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+admin_app = App(help="Administration on the store directly (teams, tokens, data sets).", no_args_is_help=True)
+token_app = App(help="API tokens.", no_args_is_help=True)
 admin_app.add_typer(token_app, name="token")
+team_app = App(help="Teams' settings.", no_args_is_help=True)
+admin_app.add_typer(team_app, name="team")
 LOCAL_TEAM = "local"
 STOP_GRACE_S = {"worker": 30, "api": 10, "ray": 5, "redis": 10}  # then SIGKILL (a local Ray takes ~35 s to exit)
-
-
-def _fail(message: str) -> None:
-    from cli.main import fail
-
-    fail(message)
 
 
 def _engine(settings: Settings) -> Any:
@@ -92,7 +89,7 @@ def _run_service(fn: Any) -> Any:
     try:
         return fn()
     except InCoError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @token_app.command("create")
@@ -101,7 +98,7 @@ def token_create(
     name: Annotated[str, typer.Option(help="a note, e.g. who uses the token")] = "",
     scope: Annotated[
         list[str] | None,
-        typer.Option(help="what the token may do: read, submit, admin; repeat it (default: read and submit)"),
+        typer.Option(help="what the token may do: read, submit, admin, predict; repeat it (default: read and submit)"),
     ] = None,
 ) -> None:
     """Create an API token for a team; it is printed once and only its hash is stored."""
@@ -109,7 +106,7 @@ def token_create(
     from server.store.db import session_scope
 
     if not team.strip() or len(team) > 64:
-        _fail("--team needs a name of 1 to 64 characters")
+        fail("--team needs a name of 1 to 64 characters")
     scopes = _run_service(lambda: access.check_scopes(scope or None))
 
     def go() -> str:
@@ -117,6 +114,33 @@ def token_create(
             return access.create_token(s, team=access.ensure_team(s, name=team.strip()), name=name, scopes=scopes)
 
     typer.echo(_run_service(go))
+
+
+@team_app.command("set")
+def team_set(
+    team: Annotated[str, typer.Option(help="team name")],
+    review_level: Annotated[
+        float, typer.Option(min=0.5, max=0.999, help="coverage of the team's prediction sets (predict's default)")
+    ],
+) -> None:
+    """Set a team's review level: predict's conformal sets hold the true class this often, and an image
+    whose set holds several classes is sent to a person."""
+    from server.store import access
+    from server.store.db import session_scope
+
+    def go() -> None:
+        with session_scope(_engine(Settings())) as s:
+            found = access.find_team(s, name=team.strip())
+            if found is None:
+                fail(f"no team named {team!r}: create it with `inco admin token create --team {team}`")
+            found.review_level = review_level
+            s.add(found)
+
+    _run_service(go)
+    typer.echo(
+        f"team {team}: prediction sets at {review_level:.1%} coverage; an image whose set holds several "
+        "classes is sent to review"
+    )
 
 
 @token_app.command("list")
@@ -143,7 +167,7 @@ def token_list(team: Annotated[str, typer.Option(help="team name")]) -> None:
 
     rows = _run_service(go)
     if rows is None:
-        _fail(f"no team named {team.strip()!r}: `inco admin token create --team NAME` makes one")
+        fail(f"no team named {team.strip()!r}: `inco admin token create --team NAME` makes one")
     typer.echo(f"{'prefix':<13} {'scopes':<18} {'created':<20} {'revoked':<20} name")
     for prefix, scopes, created, revoked, note in rows:
         typer.echo(f"{prefix:<13} {scopes:<18} {created:<20} {revoked:<20} {note}".rstrip())
@@ -160,7 +184,7 @@ def token_revoke(prefix: Annotated[str, typer.Argument(help="the first 12 charac
             return access.revoke_token(s, prefix=prefix[:12])
 
     if not _run_service(go):
-        _fail(f"no active token starts with {prefix[:12]!r}")
+        fail(f"no active token starts with {prefix[:12]!r}")
     typer.echo(f"revoked {prefix[:12]}")
 
 
@@ -269,7 +293,7 @@ def _start_redis(settings: Settings, env: dict[str, str]) -> int | None:
 
 
 def _local_token(settings: Settings, engine: Any) -> str:
-    """The local stack's token (read, submit and admin), kept in ``INCO_HOME/token``; a new one when
+    """The local stack's token (every scope), kept in ``INCO_HOME/token``; a new one when
     the kept one is revoked or lacks a scope."""
     from server.store import access
     from server.store.db import session_scope
@@ -336,7 +360,7 @@ def up(
             typer.echo(f"the local stack is running already (API {state['api_url']}); `inco down` stops it")
             return
     if not _port_free(port):
-        _fail(f"port {port} is in use: pick another with --port")
+        fail(f"port {port} is in use: pick another with --port")
     settings.home.mkdir(parents=True, exist_ok=True)
     api_url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "INCO_HOME": str(settings.home)}
@@ -379,7 +403,7 @@ def up(
         _wait_for(api_up, "the API", 60, pids["api"], settings.home / "logs" / "api.log")
     except (InCoError, RuntimeError, OSError) as exc:
         _stop(pids)
-        _fail(str(exc))
+        fail(str(exc))
     state = {"api_url": api_url, "token": token, "pids": pids, "ray_address": ray_address, "home": str(settings.home)}
     state_file.write_text(json.dumps(state, indent=2))
     state_file.chmod(0o600)
@@ -408,14 +432,30 @@ def _stop(pids: dict[str, int]) -> list[str]:
             _reap(pid)
             time.sleep(0.2)
         if _alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
         for child in family:  # e.g. a work horse that outlived its worker
             if _alive(child):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
-        _reap(pid)
+        _wait_gone([pid, *family])
         stopped.append(name)
     return stopped
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    """Wait until SIGKILLed processes are gone: the signal is delivered at once, but a process may take
+    a moment to exit (a Ray head unmapping its object store), and `inco down` returns only when it has."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in pids:
+            _reap(pid)
+        if not any(_alive(pid) for pid in pids):
+            return
+        time.sleep(0.05)
+    left = [pid for pid in pids if _alive(pid)]
+    if left:
+        typer.echo(f"warning: processes {left} did not exit {timeout_s:.0f} s after SIGKILL", err=True)
 
 
 def _reap(pid: int) -> None:
@@ -435,7 +475,7 @@ def down() -> None:
     typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}", err=True)
 
 
-def register(app: typer.Typer) -> None:
+def register(app: App) -> None:
     app.command()(serve)
     app.command()(worker)
     app.command()(up)

@@ -13,6 +13,7 @@ import pytest
 
 from server.store import access
 from server.store.db import make_engine, session_scope
+from tests.service_fixtures import REDIS_TEST
 from worker.main import free_port
 
 pytestmark = pytest.mark.integration
@@ -50,7 +51,7 @@ def test_token_create_and_revoke(tmp_path: Path) -> None:
 
 def test_serve_answers_health_and_migrates(tmp_path: Path) -> None:
     port = free_port()
-    env = {**_env(tmp_path), "INCO_REDIS_URL": "redis://127.0.0.1:6379/15"}
+    env = {**_env(tmp_path), "INCO_REDIS_URL": REDIS_TEST}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "serve", "--port", str(port)],
         cwd=REPO,
