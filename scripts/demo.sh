@@ -19,5 +19,8 @@ if [ -n "${PRESET:-}" ]; then
 else
   RUN=(--preset cpu --set pretrain.epochs=3 --set pretrain.max_images=512)
 fi
+case " $* " in  # a preset given on the command line replaces ours (an option given twice is an error)
+  *" --preset "* | *" --preset="*) RUN=() ;;
+esac
 $INCO submit --method inco --ratio 1:16 --eval finetune "${RUN[@]}" --wait "$@"
 $INCO results

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs everything into .venv, starts local services if down, runs pytest.
+# The test command: installs everything into .venv, starts local services if down, runs pytest in
+# INCO_TEST_PROCESSES processes (default 2; 0 runs in this one), each taking whole test files, the
+# long service files in two lanes first (tests/conftest.py).
 # Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +9,7 @@ source scripts/setup.sh
 bash scripts/services.sh
 export INCO_TEST_DATA="${INCO_TEST_DATA:-$(cd .. && pwd)/shared/datasets/neu-cls}"
 set +e
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -p no:cacheprovider -n "${INCO_TEST_PROCESSES:-2}" --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

@@ -54,3 +54,10 @@ def test_only_the_api_package_imports_fastapi() -> None:
 
 def test_server_package_init_is_empty() -> None:
     assert (REPO / "server" / "__init__.py").read_text().strip() == ""
+
+
+def test_commands_that_talk_to_the_service_do_not_load_torch() -> None:
+    """torch costs seconds of CPU per process: `inco predict ID`, `inco submit` and the API's upload
+    checks never need it (only training and `inco predict --model` do)."""
+    loaded = _loaded_after("import cli.main, cli.models, cli.service, inco_core.files, server.archives")
+    assert "torch" not in loaded
