@@ -343,10 +343,10 @@ class Chaos:
             "pretrain_epochs": [e for s, e in keys if s == "pretrain"],
         }
 
-    def check_intact(self, job_id: str, epochs: int | None = None) -> dict:
-        """Succeeded, no epoch of any stage stored twice (``epochs`` pretraining epochs when given; a
-        job that reused a stored backbone has none), exactly one result row."""
-        job = self.wait(job_id)
+    def check_intact(self, job_id: str, epochs: int | None = None, timeout_s: float = 300) -> dict:
+        """Succeeded (within ``timeout_s``), no epoch of any stage stored twice (``epochs`` pretraining
+        epochs when given; a job that reused a stored backbone has none), exactly one result row."""
+        job = self.wait(job_id, timeout_s)
         assert job["status"] == "succeeded", f"{job['error']}\n{(self.home / 'worker.log').read_text()[-3000:]}"
         audit = self.audit(job_id)
         assert audit["duplicated_metrics"] == 0 and audit["results"] == 1, audit
