@@ -139,61 +139,85 @@ def _running_again(chaos: Chaos, job_id: str, attempts: int) -> float:
 
 
 def test_a_killed_horse_worker_or_machine_is_picked_up_in_seconds(chaos: Chaos) -> None:
-    """One job, three deaths while it trains, each survived within seconds and resumed from its last
-    epoch. Two workers serve the queue: the first on the shared Ray head, the second a machine of its
-    own (its own Ray head). (1) The job's work horse gets kill -9: a worker runs it again at once.
-    (2) The worker that runs it dies with its work horse (kill -9 of its process tree): the other one
-    takes the job over once its lease lapses; the dead one is started again. (3) The same for the
-    other one. One of (2) and (3) is the first worker (the shared Ray head lives on), the other the
-    whole second machine (worker, work horse, Ray head and Ray workers). The job ends with every epoch
-    and its result stored once."""
-    if not chaos.worker.alive:
-        chaos.worker.start()
-    runners = {"worker": chaos.worker, "machine": chaos.new_worker("machine", own_ray=True)}
-    runners["machine"].start()
-    # both serve the queue before anything dies: the seconds measured are the take-over, not a start
-    wait_until(lambda: all(chaos.listening(r) for r in runners.values()), "both workers listening", 300, 1)
-    job_id = chaos.submit({"spec": {**LONG["spec"], "seeds": [1]}})  # seed 0's backbone is stored: reused
+    """One job, three deaths while it runs, each survived within seconds and resumed from its last
+    epoch. Two workers serve the queue: a machine with a Ray head of its own, and a worker on the
+    shared Ray head. (1) The job's work horse on the machine gets kill -9: the worker runs it again at
+    once. (2) The worker dies with its work horse (kill -9 of its process tree; the shared Ray head
+    lives on): the machine takes the job over once its lease lapses, and the worker is started again.
+    (3) The whole machine dies (worker, work horse, Ray head and Ray workers) as soon as the worker is
+    back: the worker takes the job over. The job ends with every epoch and its result stored once.
+
+    Who takes each attempt is set by who serves the queue at the time, so the order is the same in
+    every run: the machine alone takes the first attempt; the worker, waiting on the queue while the
+    machine handles its dead horse, the second; the machine, alone while the worker starts again, the
+    third; the worker, alone then, the fourth. The one started again is the worker (seconds; the
+    machine also starts a Ray head), and it starts as its job is taken over, so it serves the queue
+    long before the job (24 epochs) ends."""
+    chaos.worker.stop()
+    worker, machine = chaos.worker, chaos.new_worker("machine", own_ray=True)
+    trees = {"worker": worker, "machine": machine}
+
+    def runs_on() -> str:
+        """Which of the two runs the job's work horse now."""
+        horse = chaos.horse_pid(job_id)
+        on = [n for n, p in trees.items() if p.alive and horse in [p.proc.pid, *descendants(p.proc.pid)]]
+        assert len(on) == 1, f"horse {horse} is not under one of the workers ({on})"
+        return on[0]
+
+    def kill(name: str) -> None:
+        runner = trees[name]
+        tree = [runner.proc.pid, *descendants(runner.proc.pid)]
+        heads = [pid for pid in tree if pid in pids_running("--head")]
+        assert bool(heads) == (name == "machine")  # the machine dies with its Ray head, the worker without
+        runner.kill9()
+        wait_until(lambda: not [pid for pid in tree if alive(pid)], "every process gone", 10)
+        chaos.note(f"killed the {name} and its processes")
+
+    def training_goes_on() -> None:
+        # how soon an attempt trains depends on the load (a Ray Train start is ~150 CPU-s, and in CI a
+        # search runs beside this), so these waits are long; how soon the next attempt starts is bounded
+        wait_until(lambda: chaos.epochs(job_id) != [], "training under way", 600)
+        at = max(chaos.epochs(job_id))
+        wait_until(lambda: max(chaos.epochs(job_id)) > at, "training goes on", 600)
+
+    machine.start()
+    wait_until(lambda: chaos.listening(machine), "the machine listening", 300, 1)
+    spec = {**LONG["spec"], "seeds": [1], "overrides": {**LONG["spec"]["overrides"], "pretrain.epochs": 24}}
+    job_id = chaos.submit({"spec": spec})  # seed 1: seed 0's backbone is stored and would be reused
     took: list[float] = []
-    killed: list[str] = []
     try:
         with chaos.explained(job_id):
-            for step in ("horse", "runner", "runner"):
-                # how soon an attempt trains depends on the load (a Ray Train start is ~150 CPU-s; in CI a
-                # search runs beside this, and the restarted worker or machine starts at the same time),
-                # so these waits are long; how soon the next attempt starts is what is bounded (took)
-                wait_until(lambda: chaos.epochs(job_id) != [], "training under way", 600)
-                at = max(chaos.epochs(job_id))
-                wait_until(lambda: max(chaos.epochs(job_id)) > at, "training goes on", 600)  # noqa: B023
+            wait_until(lambda: chaos.job(job_id)["attempts"] == 1, "the first attempt", 120)
+            worker.start()
+            wait_until(lambda: chaos.listening(worker), "the worker listening", 300, 1)
+            chaos.note("the worker listening")
+            for dies, then in (("horse", "worker"), ("worker", "machine"), ("machine", "worker")):
+                if dies != "machine":  # the machine dies as soon as the worker is back, in whatever phase
+                    training_goes_on()
+                assert chaos.job(job_id)["status"] == "running", "the job ended before its deaths: make it longer"
                 attempts, horse = chaos.job(job_id)["attempts"], chaos.horse_pid(job_id)
                 assert horse is not None and alive(horse)
-                chaos.note(f"attempt {attempts} at epoch {max(chaos.epochs(job_id))}: kill the {step} (horse {horse})")
-                if step == "horse":
+                assert runs_on() == ("machine" if dies == "horse" else dies), f"attempt {attempts} runs elsewhere"
+                chaos.note(f"attempt {attempts} at epoch {max(chaos.epochs(job_id), default=0)}: the {dies} dies")
+                if dies == "horse":
                     os.kill(horse, signal.SIGKILL)
                 else:
-                    trees = {n: [p.proc.pid, *descendants(p.proc.pid)] for n, p in runners.items() if p.alive}
-                    name = next(n for n, tree in trees.items() if horse in tree)
-                    heads = [pid for pid in trees[name] if pid in pids_running("--head")]
-                    assert bool(heads) == (name == "machine")  # the machine dies with its Ray head, the worker without
-                    runners[name].kill9()
-                    wait_until(lambda: not [pid for pid in trees[name] if alive(pid)], "every process gone", 10)  # noqa: B023
-                    killed.append(name)
-                    chaos.note(f"killed {name} and its processes")
+                    kill(dies)
+                if dies == "worker":
+                    worker.start()  # back while the machine takes the job over, to take it when the machine dies
                 took.append(_running_again(chaos, job_id, attempts))
                 chaos.note(f"attempt {attempts + 1} started after {took[-1]:.1f} s (horse {chaos.horse_pid(job_id)})")
                 assert not alive(horse)
-                if step == "runner":
-                    runners[killed[-1]].start()  # back, to take the job when the other one dies
-                    wait_until(lambda: chaos.listening(runners[killed[-1]]), f"{killed[-1]} listening again", 300, 1)
-                    chaos.note(f"{killed[-1]} listening again")
-            print(f"running again after {', '.join(f'{t:.1f}' for t in took)} s (horse, {', '.join(killed)})")
-            assert sorted(killed) == ["machine", "worker"], killed
+                assert runs_on() == then, f"attempt {attempts + 1} should run on the {then}"
+                if dies == "worker":
+                    wait_until(lambda: chaos.listening(worker), "the worker listening again", 300, 1)
+                    chaos.note("the worker listening again")
+            print(f"running again after {', '.join(f'{t:.1f}' for t in took)} s (horse, worker, machine)")
             assert max(took) < 30, took  # lease 6 s + a pass each second; CI machines are busy
-            # the job ends before the second machine stops: it may be the one running the last attempt
-            job = chaos.check_intact(job_id, epochs=12, timeout_s=600)
+            job = chaos.check_intact(job_id, epochs=24, timeout_s=600)
             assert job["attempts"] == 4
     finally:
-        runners["machine"].stop()
+        machine.stop()
     with session_scope(chaos.engine) as s:  # the last attempt resumed from a checkpoint, not from epoch 0
         art = access.find_artifact(s, team_id=1, kind="backbone", key=job["outputs"]["backbones"][0]["key"])
     import torch
