@@ -151,7 +151,7 @@ def test_a_killed_horse_worker_or_machine_is_picked_up_in_seconds(chaos: Chaos) 
     every run: the machine alone takes the first attempt; the worker, waiting on the queue while the
     machine handles its dead horse, the second; the machine, alone while the worker starts again, the
     third; the worker, alone then, the fourth. The one started again is the worker (seconds; the
-    machine also starts a Ray head), and it starts as its job is taken over, so it serves the queue
+    machine also starts a Ray head), once the machine took its job over, and it serves the queue
     long before the job (24 epochs) ends."""
     chaos.worker.stop()
     worker, machine = chaos.worker, chaos.new_worker("machine", own_ray=True)
@@ -203,13 +203,12 @@ def test_a_killed_horse_worker_or_machine_is_picked_up_in_seconds(chaos: Chaos) 
                     os.kill(horse, signal.SIGKILL)
                 else:
                     kill(dies)
-                if dies == "worker":
-                    worker.start()  # back while the machine takes the job over, to take it when the machine dies
                 took.append(_running_again(chaos, job_id, attempts))
                 chaos.note(f"attempt {attempts + 1} started after {took[-1]:.1f} s (horse {chaos.horse_pid(job_id)})")
                 assert not alive(horse)
                 assert runs_on() == then, f"attempt {attempts + 1} should run on the {then}"
-                if dies == "worker":
+                if dies == "worker":  # back once the machine took the job over, to take it when the machine dies
+                    worker.start()
                     wait_until(lambda: chaos.listening(worker), "the worker listening again", 300, 1)
                     chaos.note("the worker listening again")
             print(f"running again after {', '.join(f'{t:.1f}' for t in took)} s (horse, worker, machine)")
