@@ -8,10 +8,11 @@ tests/server/test_bounds.py walks the document and fails on an integer parameter
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Path, Query
 
+from inco_core.config import METHODS
 from server.store.models import NAME_PATTERN
 
 INT32_MAX = 2**31 - 1
@@ -45,11 +46,15 @@ StageFilter = Annotated[
     str | None, Query(pattern=STAGE, description="only this stage's metrics, e.g. `pretrain` or `finetune 1:16`")
 ]
 DatasetFilter = Annotated[str | None, Query(pattern=NAME_PATTERN, description="only results on this data set")]
+MethodFilter = Annotated[str | None, Query(max_length=32, description=f"one of {', '.join(METHODS)}")]
+"""Checked against the known methods by :func:`checked_method` (a 422 naming them)."""
+RatioFilter = Annotated[str | None, Query(max_length=32, description="a label ratio, e.g. `1:16`")]
+"""Written the one way the store keeps it by :func:`normal_ratio`."""
+EvalFilter = Literal["finetune", "linear"] | None
 
 
 def checked_method(method: str | None) -> str | None:
     """A ``method`` filter: one of the known methods (422 naming them otherwise)."""
-    from inco_core.config import METHODS
     from inco_core.errors import ConfigError
 
     if method is not None and method not in METHODS:

@@ -9,10 +9,18 @@ from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from inco_core.config import METHODS
 from server.api.deps import PredictTeamDep, SessionDep, TeamDep
 from server.api.errors import AUTH, INVALID, RETRY_AFTER, answer
-from server.api.params import INT32_MAX, DatasetFilter, JobIdFilter, checked_method, normal_ratio
+from server.api.params import (
+    INT32_MAX,
+    DatasetFilter,
+    EvalFilter,
+    JobIdFilter,
+    MethodFilter,
+    RatioFilter,
+    checked_method,
+    normal_ratio,
+)
 from server.predictor import DEFAULT_LEVEL, ModelFiles, read_images
 from server.store import access
 from server.store.models import Artifact, Model, ModelPublic
@@ -74,9 +82,9 @@ def _model_and_file(session: Any, team_id: int, model_id: int) -> tuple[Model, A
 def list_models(
     team: TeamDep,
     session: SessionDep,
-    method: Annotated[str | None, Query(max_length=32, description=f"one of {', '.join(METHODS)}")] = None,
-    ratio: Annotated[str | None, Query(max_length=32, description="a label ratio, e.g. `1:16`")] = None,
-    eval: Literal["finetune", "linear"] | None = None,
+    method: MethodFilter = None,
+    ratio: RatioFilter = None,
+    eval: EvalFilter = None,
     dataset: DatasetFilter = None,
     job_id: JobIdFilter = None,
     best: Annotated[bool, Query(description="only the most accurate model of each data set and ratio")] = False,

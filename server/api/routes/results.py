@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
-from inco_core.config import METHODS
 from server.api.deps import SessionDep, TeamDep
 from server.api.errors import AUTH, INVALID
-from server.api.params import DatasetFilter, checked_method, normal_ratio
+from server.api.params import DatasetFilter, EvalFilter, MethodFilter, RatioFilter, checked_method, normal_ratio
 from server.store import access
 from server.store.models import LeaderboardRow
 
@@ -20,9 +19,9 @@ router = APIRouter(prefix="/v1/results", tags=["results"], responses=AUTH)
 def leaderboard(
     team: TeamDep,
     session: SessionDep,
-    method: Annotated[str | None, Query(max_length=32, description=f"one of {', '.join(METHODS)}")] = None,
-    ratio: Annotated[str | None, Query(max_length=32, description="a label ratio, e.g. `1:16`")] = None,
-    eval: Literal["finetune", "linear"] | None = None,
+    method: MethodFilter = None,
+    ratio: RatioFilter = None,
+    eval: EvalFilter = None,
     preset: Literal["paper", "cpu", "smoke"] | None = None,
     dataset: DatasetFilter = None,
 ) -> list[LeaderboardRow]:
