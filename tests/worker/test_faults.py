@@ -155,17 +155,17 @@ def test_a_killed_horse_worker_or_machine_is_picked_up_in_seconds(chaos: Chaos) 
     long before the job (24 epochs) ends."""
     chaos.worker.stop()
     worker, machine = chaos.worker, chaos.new_worker("machine", own_ray=True)
-    trees = {"worker": worker, "machine": machine}
+    runners = {"worker": worker, "machine": machine}
 
     def runs_on() -> str:
         """Which of the two runs the job's work horse now."""
         horse = chaos.horse_pid(job_id)
-        on = [n for n, p in trees.items() if p.alive and horse in [p.proc.pid, *descendants(p.proc.pid)]]
+        on = [n for n, p in runners.items() if p.alive and horse in [p.proc.pid, *descendants(p.proc.pid)]]
         assert len(on) == 1, f"horse {horse} is not under one of the workers ({on})"
         return on[0]
 
     def kill(name: str) -> None:
-        runner = trees[name]
+        runner = runners[name]
         tree = [runner.proc.pid, *descendants(runner.proc.pid)]
         heads = [pid for pid in tree if pid in pids_running("--head")]
         assert bool(heads) == (name == "machine")  # the machine dies with its Ray head, the worker without
@@ -194,8 +194,9 @@ def test_a_killed_horse_worker_or_machine_is_picked_up_in_seconds(chaos: Chaos) 
             for dies, then in (("horse", "worker"), ("worker", "machine"), ("machine", "worker")):
                 if dies != "machine":  # the machine dies as soon as the worker is back, in whatever phase
                     training_goes_on()
-                assert chaos.job(job_id)["status"] == "running", "the job ended before its deaths: make it longer"
-                attempts, horse = chaos.job(job_id)["attempts"], chaos.horse_pid(job_id)
+                job = chaos.job(job_id)
+                assert job["status"] == "running", "the job ended before its deaths: make it longer"
+                attempts, horse = job["attempts"], chaos.horse_pid(job_id)
                 assert horse is not None and alive(horse)
                 assert runs_on() == ("machine" if dies == "horse" else dies), f"attempt {attempts} runs elsewhere"
                 chaos.note(f"attempt {attempts} at epoch {max(chaos.epochs(job_id), default=0)}: the {dies} dies")
