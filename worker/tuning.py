@@ -1,15 +1,18 @@
 """A ``tune`` job on Ray Tune: ASHA stops weak trials early, Optuna proposes the next point.
 
-Each trial is a Tune function (:func:`trial_driver`) that builds its own Ray Train ``TorchTrainer``
-(one or more DDP workers, as the job's resources say) and passes its reports to Tune through
-``TuneReportCallback``. The workers run :func:`inco_core.trial.run_trial`: pretraining, scored every
-``eval_every`` epochs by linear evaluation on a validation split of the labelled training images.
-The driver's :class:`StoreTrials` callback writes every trial (its point, latest score, status and
-error) to the store; :class:`CancelStopper` ends the search when the job is canceled.
+Each trial is a Tune function (:func:`trial_driver`) that runs :func:`inco_core.trial.run_trial`:
+pretraining, scored every ``eval_every`` epochs by linear evaluation on a validation split of the
+labelled training images. A trial of one worker (``resources.workers == 1``) trains in its Tune
+function itself, which then holds the worker's CPUs (and GPUs): no Ray Train start per trial (a
+controller and its helper actors, tens of CPU-seconds and about 15 s each). A trial of several
+workers builds its own Ray Train ``TorchTrainer`` (DDP) and passes its reports to Tune through
+``TuneReportCallback``; its driver holds no CPU (the Train workers hold them). Either way as many
+trials run at once as the cluster has room for workers. The driver's :class:`StoreTrials` callback
+writes every trial (its point, latest score, status and error) to the store; :class:`CancelStopper`
+ends the search when the job is canceled.
 
-A trial's driver holds no CPU (the Train workers hold them), so as many trials run at once as the
-cluster has room for workers. A trial that ASHA stops is killed with its Train controller; Ray
-Train's placement-group cleaner (which needs the Ray dashboard, started by ``inco worker``) then
+A trial that ASHA stops ends with its Tune actor; a DDP trial's Train controller dies with it, and
+Ray Train's placement-group cleaner (which needs the Ray dashboard, started by ``inco worker``) then
 frees its workers' CPUs.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,6 @@ import ray
 import ray.train
 import ray.tune
 from ray.train import FailureConfig, RunConfig
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 from redis.exceptions import RedisError
@@ -40,7 +43,7 @@ from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import TrialStatus
 from worker.reporting import StoreReporter, connect_store, with_retries
-from worker.training import root_cause, scaling_config
+from worker.training import Trainer, root_cause, scaling_config
 
 STOPPER_POLL_S = 1.0
 
@@ -54,14 +57,18 @@ def point_of(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker of one trial."""
+    """Runs on every Ray Train worker of a trial of several workers."""
+    train_trial(config, report=ray.train.report, rank=ray.train.get_context().get_world_rank())
+
+
+def train_trial(config: dict[str, Any], *, report: Callable[[dict[str, float]], None], rank: int) -> None:
+    """One rank of a trial: its point's pretraining, scored and reported to Tune through ``report``."""
     import torch
 
     from inco_core.trial import run_trial
 
     spec = RunSpec.model_validate(config["spec"])
     settings = TuneSettings.model_validate(config["tune"])
-    rank = ray.train.get_context().get_world_rank()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
     torch.set_num_threads(max(1, cpus))
     engine, redis = connect_store()
@@ -71,12 +78,28 @@ def trial_loop(config: dict[str, Any]) -> None:
             settings,
             run_dir=Path(config["run_dir"]),
             cache_dir=Path(config["cache_dir"]),
-            report=ray.train.report,
+            report=report,
             reporter=StoreReporter(engine, redis, job_id=config["job_id"], rank=rank),
             stage=config["stage"],
         )
     finally:
         engine.dispose()
+
+
+def in_trial(spec: RunSpec) -> bool:
+    """Whether a trial trains in its Tune function (one worker) instead of a TorchTrainer of its own."""
+    return spec.resources.workers == 1
+
+
+def trial_resources(spec: RunSpec, cpus_per_worker: int) -> dict[str, float]:
+    """What one trial's Tune function holds: its one worker's CPUs and GPUs when it trains itself,
+    else nothing (its Train workers hold them)."""
+    if not in_trial(spec):
+        return {"CPU": 0, "memory": 64 * 1024 * 1024}
+    held: dict[str, float] = {"CPU": cpus_per_worker}
+    if spec.resources.gpus_each > 0:
+        held["GPU"] = spec.resources.gpus_each
+    return held
 
 
 class TrialFailed(InCoError):
@@ -85,7 +108,8 @@ class TrialFailed(InCoError):
 
 
 def trial_driver(point: dict[str, Any], base: dict[str, Any]) -> None:
-    """One trial (a Ray Tune function): the point's run spec trained by its own TorchTrainer."""
+    """One trial (a Ray Tune function): the point's run spec trained here (one worker) or by its own
+    TorchTrainer (several)."""
     number = int(point[NUMBER])
     spec = trial_spec(RunSpec.model_validate(base["spec"]), point_of(point))
     config = {
@@ -94,7 +118,14 @@ def trial_driver(point: dict[str, Any], base: dict[str, Any]) -> None:
         "stage": f"trial {number}",
         "run_dir": str(Path(base["run_dir"]) / f"trial-{number}"),
     }
-    trainer = TorchTrainer(
+    if in_trial(spec):
+        try:
+            train_trial(config, report=ray.tune.report, rank=0)
+        except Exception as exc:
+            cause = root_cause(exc)
+            raise TrialFailed(f"{cause.__class__.__name__}: {cause}") from None
+        return
+    trainer = Trainer(
         trial_loop,
         train_loop_config=config,
         scaling_config=scaling_config(spec, base["cpus_per_worker"]),
@@ -289,7 +320,7 @@ def search(
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(
             ray.tune.with_parameters(trial_driver, base=base),
-            {"CPU": 0, "memory": 64 * 1024 * 1024},  # the driver waits; its Train workers hold the CPUs
+            trial_resources(spec, cpus_per_worker),
         ),
         param_space={name: _domain(name) for name in settings.params},
         tune_config=ray.tune.TuneConfig(

@@ -145,7 +145,14 @@ def test_a_search_whose_trials_all_fail_fails_with_their_error(service: Service)
 
 
 def test_a_canceled_search_stops_its_trials(service: Service) -> None:
-    body = {**TUNE, "spec": {**TUNE["spec"], "overrides": {"pretrain.epochs": 50, "pretrain.max_images": 64}}}
+    """A search of two-worker trials (each its own Ray Train TorchTrainer; one-worker trials, as in the
+    searches above, train in their Tune function) is canceled while its trial trains."""
+    spec = {
+        **TUNE["spec"],
+        "resources": {"device": "cpu", "workers": 2},
+        "overrides": {"pretrain.epochs": 50, "pretrain.max_images": 64},
+    }
+    body = {**TUNE, "spec": spec}
     job_id = service.submit({**body, "tune": {"trials": 1}})
     service.wait_for_epochs(job_id, 1, timeout_s=300)
     r = service.client.post(f"/v1/jobs/{job_id}/cancel", headers=service.headers)
