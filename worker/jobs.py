@@ -72,6 +72,15 @@ def check_resources(spec: RunSpec, cpus_per_worker: int) -> int:
     return max(1, min(cpus_per_worker, cpus // res.workers))
 
 
+def check_data(spec: RunSpec, settings: Settings) -> None:
+    """Read the job's images and split them before any Ray Train worker starts: an unreadable image or
+    a folder with too few images fails the job in a second with its message, not after a training
+    run's start (tens of CPU-seconds). The images are decoded into the cache the workers read."""
+    from inco_core.experiment import load_split
+
+    load_split(spec, spec.resolve(), settings.cache_dir)
+
+
 def run_job(job_id: str) -> str:
     """RQ entry point (``worker.jobs.run_job``). Returns the status the job ended with."""
     settings = Settings()
@@ -146,6 +155,7 @@ def _run(job_id: str, settings: Settings, engine: Any, redis: Any, lease: JobLea
     }
     try:
         run_dir.mkdir(parents=True, exist_ok=True)  # fails here, before Ray starts, if it cannot be made
+        check_data(spec, settings)
         _connect_ray(settings)
         cpus = check_resources(spec, settings.cpus_per_worker)
         res = spec.resources
