@@ -97,6 +97,9 @@ def _start_head(
     # the machine when there are several, fails on that one's token, and the CPUs of every trial ASHA
     # stopped stay held: a search stalls
     env = {**os.environ, **ray_env(home), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": address}
+    # Ray Train's preemption watcher (an actor per training run) waits for the cloud to announce that a
+    # node goes away; a head on this machine has no such node to watch
+    env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout_s)))
     cmd = [
         # lower the priority before `ray start` execs, so every process of the head inherits it
@@ -110,6 +113,9 @@ def _start_head(
         # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
         # free the CPUs/GPUs of a trial that Ray Tune stopped early (ASHA); it listens on loopback
         "--include-dashboard=true",
+        # the log monitor streams workers' output to drivers that ask for it; a job's driver does not
+        # (log_to_driver=False: its workers report to the store), and the logs stay in Ray's session folder
+        "--include-log-monitor=false",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",

@@ -15,6 +15,7 @@ import ray
 import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
 
 from inco_core.config import RunSpec
 from inco_core.errors import InCoError
@@ -22,6 +23,18 @@ from server.store import access
 from server.store.db import session_scope
 from server.store.models import Artifact, Model
 from worker.reporting import StoreBackbones, StoreReporter, connect_store, with_retries
+
+
+class Trainer(TorchTrainer):
+    """Ray Train's ``TorchTrainer`` without the actor that would serve Ray Datasets to its workers:
+    the service passes none (each worker reads its images itself), and that actor, started for every
+    training run, costs seconds of CPU to start and stop."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -194,7 +207,7 @@ def fit(
     the restarts are counted here, with ``max_failures=0`` for each group.
     """
     for attempt in range(restarts + 1):
-        trainer = TorchTrainer(
+        trainer = Trainer(
             train_loop,
             train_loop_config=config,
             scaling_config=scaling_config(spec, cpus_per_worker),
