@@ -17,6 +17,7 @@ from cli.common import App, err_console, fail, spec_fields
 from cli.render import RichReporter, results_table
 from inco_core.config import METHODS, PRESETS, load_spec
 from inco_core.errors import InCoError
+from inco_core.files import scan
 from server.settings import Settings
 
 app = App(
@@ -63,7 +64,8 @@ def run(
     )
     try:
         spec = load_spec({**fields, "data": {"path": str(data_path)}, "resources": {"device": device}})
-        # torch loads here: not for --help, nor for a spec that is wrong (its error comes in a second)
+        scan(Path(data_path))  # a missing or empty folder is said before torch loads
+        # torch loads here: not for --help, nor for a spec or folder that is wrong (its error comes in a second)
         from inco_core.experiment import Experiment, FolderBackboneStore
 
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")

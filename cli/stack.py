@@ -316,7 +316,7 @@ def _local_token(settings: Settings, engine: Any) -> str:
 
 
 def _register_default_data(engine: Any, data: Path) -> str:
-    from inco_core.data import scan
+    from inco_core.files import scan
     from server.store import access
     from server.store.db import session_scope
 

@@ -4,7 +4,7 @@ Every entry is checked before a byte of it is written:
 
 * names: no absolute paths (``/x``, ``C:/x``), no ``..``, no NUL bytes (zip-slip);
 * types: plain files and folders only; symlinks, hardlinks, devices, FIFOs and sparse files are refused;
-* content: image files only (the extensions :func:`inco_core.data.scan` reads); hidden files and
+* content: image files only (the extensions :func:`inco_core.files.scan` reads); hidden files and
   ``__MACOSX/`` folders are left out silently;
 * limits: at most ``max_files`` entries, at most ``max_bytes`` uncompressed in all (counted while
   writing, not taken from the headers), and no entry over 1 MiB that a zip compresses more than

@@ -93,7 +93,7 @@ def _uploads(settings: Settings) -> Path:
 
 def _scan_for(folder: Path, real_root: Path, label: str) -> tuple[int, list[str]]:
     """(images, classes) of a data set folder; every image must really be inside ``real_root``."""
-    from inco_core.data import scan
+    from inco_core.files import scan
 
     try:
         items = scan(folder)
