@@ -126,7 +126,7 @@ def test_eval_modes(given: list[str] | None, evals: list[str]) -> None:
     assert eval_modes(given) == evals
 
 
-def test_run_with_two_evals_runs_both(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_run_with_two_evals_runs_both(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, neu_path: Path) -> None:
     """``inco run --eval linear --eval finetune`` hands the experiment one spec with both, in that order
     (the experiment is a stand-in: no training)."""
     specs = []
@@ -143,7 +143,7 @@ def test_run_with_two_evals_runs_both(monkeypatch: pytest.MonkeyPatch, tmp_path:
     fake.FolderBackboneStore = lambda folder: None  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "inco_core.experiment", fake)
     monkeypatch.setenv("INCO_HOME", str(tmp_path))
-    args = ["run", "--eval", "linear", "--eval", "finetune", "--data", str(tmp_path), "--json", "--device", "cpu"]
+    args = ["run", "--eval", "linear", "--eval", "finetune", "--data", str(neu_path), "--json", "--device", "cpu"]
     result = CliRunner().invoke(main.app, args)
     assert result.exit_code == 0, result.output
     (spec,) = specs
