@@ -15,7 +15,11 @@ import ray
 import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.callbacks import DatasetsCallback
+
+try:  # Ray Train v2's internals (Ray >= 2.43); without them the trainer keeps every default actor
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+except ImportError:  # pragma: no cover - an older Ray
+    DatasetsCallback = None
 
 from inco_core.config import RunSpec
 from inco_core.errors import InCoError
@@ -32,7 +36,7 @@ class Trainer(TorchTrainer):
 
     def _create_default_callbacks(self) -> list[Any]:
         callbacks = super()._create_default_callbacks()
-        if self.datasets:
+        if self.datasets or DatasetsCallback is None:
             return callbacks
         return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
 
