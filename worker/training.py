@@ -183,14 +183,20 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def worker_resources(spec: RunSpec, cpus_per_worker: int) -> dict[str, float]:
+    """What one training worker holds: ``cpus_per_worker`` CPUs and the spec's GPUs per worker."""
+    held: dict[str, float] = {"CPU": cpus_per_worker}
+    if spec.resources.gpus_each > 0:
+        held["GPU"] = spec.resources.gpus_each
+    return held
+
+
 def scaling_config(spec: RunSpec, cpus_per_worker: int) -> ScalingConfig:
     """``resources.workers`` Ray Train workers of ``cpus_per_worker`` CPUs (and their GPUs)."""
     res = spec.resources
-    use_gpu = res.gpus_each > 0
-    per_worker: dict[str, float] = {"CPU": cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = res.gpus_each
-    return ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+    return ScalingConfig(
+        num_workers=res.workers, use_gpu=res.gpus_each > 0, resources_per_worker=worker_resources(spec, cpus_per_worker)
+    )
 
 
 def fit(

@@ -43,7 +43,7 @@ from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import TrialStatus
 from worker.reporting import StoreReporter, connect_store, with_retries
-from worker.training import Trainer, root_cause, scaling_config
+from worker.training import Trainer, root_cause, scaling_config, worker_resources
 
 STOPPER_POLL_S = 1.0
 
@@ -96,10 +96,7 @@ def trial_resources(spec: RunSpec, cpus_per_worker: int) -> dict[str, float]:
     else nothing (its Train workers hold them)."""
     if not in_trial(spec):
         return {"CPU": 0, "memory": 64 * 1024 * 1024}
-    held: dict[str, float] = {"CPU": cpus_per_worker}
-    if spec.resources.gpus_each > 0:
-        held["GPU"] = spec.resources.gpus_each
-    return held
+    return worker_resources(spec, cpus_per_worker)
 
 
 class TrialFailed(InCoError):
@@ -118,26 +115,21 @@ def trial_driver(point: dict[str, Any], base: dict[str, Any]) -> None:
         "stage": f"trial {number}",
         "run_dir": str(Path(base["run_dir"]) / f"trial-{number}"),
     }
-    if in_trial(spec):
-        try:
-            train_trial(config, report=ray.tune.report, rank=0)
-        except Exception as exc:
-            cause = root_cause(exc)
-            raise TrialFailed(f"{cause.__class__.__name__}: {cause}") from None
-        return
-    trainer = Trainer(
-        trial_loop,
-        train_loop_config=config,
-        scaling_config=scaling_config(spec, base["cpus_per_worker"]),
-        run_config=RunConfig(
-            name=f"job-{base['job_id']}-attempt{base.get('attempt', 1)}-trial-{number}",  # new folders per attempt
-            storage_path=base["storage_path"],
-            callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=0),
-        ),
-    )
     try:
-        trainer.fit()
+        if in_trial(spec):
+            train_trial(config, report=ray.tune.report, rank=0)
+            return
+        Trainer(
+            trial_loop,
+            train_loop_config=config,
+            scaling_config=scaling_config(spec, base["cpus_per_worker"]),
+            run_config=RunConfig(
+                name=f"job-{base['job_id']}-attempt{base.get('attempt', 1)}-trial-{number}",  # new folders per attempt
+                storage_path=base["storage_path"],
+                callbacks=[TuneReportCallback()],
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        ).fit()
     except Exception as exc:
         cause = root_cause(exc)
         raise TrialFailed(f"{cause.__class__.__name__}: {cause}") from None
