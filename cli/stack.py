@@ -378,7 +378,9 @@ def up(
         if data is not None:
             notes.append(_register_default_data(engine, data))
         engine.dispose()
-        ray_proc, ray_address = start_local_ray(settings.home, nice=settings.worker_nice)
+        ray_proc, ray_address = start_local_ray(
+            settings.home, nice=settings.worker_nice, dashboard=settings.ray_dashboard
+        )
         pids["ray"] = ray_proc.pid
         env.update(ray_env(settings.home))
         env["RAY_ADDRESS"] = ray_address

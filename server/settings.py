@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         description="CPU priority (nice) of `inco worker`, its training and the local Ray it starts: training "
         "yields the CPU to an API on the same host; 0 keeps the priority it was started with",
     )
+    ray_dashboard: bool = Field(
+        False,
+        description="run the Ray dashboard with the local Ray head `inco worker` and `inco up` start (on "
+        "127.0.0.1, the port in the log)",
+    )
     job_timeout_s: int = Field(7 * 24 * 3600, ge=10, description="longest a job may run")
     lease_s: int = Field(
         6,

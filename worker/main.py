@@ -63,23 +63,32 @@ RAY_SETTLE_S = 3  # a head still there this long after it said it started stays 
 
 
 def start_local_ray(
-    home: Path, *, num_cpus: int | None = None, nice: int = 0, timeout_s: float = RAY_START_S, tries: int = 3
+    home: Path,
+    *,
+    num_cpus: int | None = None,
+    nice: int = 0,
+    dashboard: bool = False,
+    timeout_s: float = RAY_START_S,
+    tries: int = 3,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A Ray head on loopback that lives as long as the returned process (``ray start --block``); it
     and the training processes it starts run at CPU priority ``nice`` at least (INCO_WORKER_NICE).
+    With ``dashboard`` (INCO_RAY_DASHBOARD) it runs the Ray dashboard on loopback, on a free port
+    that the log names; without it the head saves the dashboard's dozen processes (about 20
+    CPU-seconds to start on a small machine, and a share of a core while it serves).
 
-    Returns once ``ray start`` says the whole head is up (GCS, dashboard, raylet) and the head is
+    Returns once ``ray start`` says the whole head is up (GCS, raylet, dashboard) and the head is
     still there a moment later, not when its GCS port first answers: on a busy machine the dashboard
     can take over a minute to start, and a head whose dashboard missed Ray's deadline
-    (``RAY_DASHBOARD_STARTUP_TIMEOUT_S``, 60 s, raised to ``timeout_s`` here unless it is set) or whose
-    client server gave up waiting for its raylet is ended by ``ray start`` itself, after its port
-    answered. Such a start is tried again, ``tries`` times in all."""
+    (``RAY_DASHBOARD_STARTUP_TIMEOUT_S``, 60 s, raised to ``timeout_s`` here unless it is set) is
+    ended by ``ray start`` itself, after its port answered. Such a start is tried again, ``tries``
+    times in all."""
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if ray_bin is None:
         raise ServiceUnavailable("the ray command is not installed: pip install 'ray[train,tune]'")
     for attempt in range(1, tries + 1):
         try:
-            return _start_head(ray_bin, home, num_cpus=num_cpus, nice=nice, timeout_s=timeout_s)
+            return _start_head(ray_bin, home, num_cpus=num_cpus, nice=nice, dashboard=dashboard, timeout_s=timeout_s)
         except ServiceUnavailable as exc:
             if attempt == tries:
                 raise
@@ -88,9 +97,9 @@ def start_local_ray(
 
 
 def _start_head(
-    ray_bin: str, home: Path, *, num_cpus: int | None, nice: int, timeout_s: float
+    ray_bin: str, home: Path, *, num_cpus: int | None, nice: int, dashboard: bool, timeout_s: float
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+    port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     # RAY_ADDRESS: every Ray process of this head (they inherit its environment) knows its own cluster.
     # Without it, Ray Train's placement-group cleaner looks the cluster up, takes the newest Ray head on
@@ -110,14 +119,14 @@ def _start_head(
         "--block",
         f"--port={port}",
         "--node-ip-address=127.0.0.1",
-        # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
-        # free the CPUs/GPUs of a trial that Ray Tune stopped early (ASHA); it listens on loopback
-        "--include-dashboard=true",
+        # the service needs no dashboard: it stores its own metrics, and frees what a dead Train
+        # controller held without Ray's state API (worker.training.free_orphaned_placement_groups)
+        f"--include-dashboard={str(dashboard).lower()}",
         # the log monitor streams workers' output to drivers that ask for it; a job's driver does not
         # (log_to_driver=False: its workers report to the store), and the logs stay in Ray's session folder
         "--include-log-monitor=false",
         "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={free_port()}",
+        f"--dashboard-port={dashboard_port}",
         f"--dashboard-agent-listen-port={free_port()}",
         # Ray Client's server (unused here) on a port of its own, not every head on the machine on 10001
         f"--ray-client-server-port={free_port()}",
@@ -139,6 +148,8 @@ def _start_head(
                 # `ray start --block` checks its processes every second and ends the head when one died
                 time.sleep(RAY_SETTLE_S)
                 if proc.poll() is None:
+                    if dashboard:
+                        log.info("the Ray dashboard of %s: http://127.0.0.1:%d", address, dashboard_port)
                     return proc, address
                 break
         time.sleep(0.5)
@@ -167,12 +178,12 @@ class LocalRay:
     before each job, starts a new head when this one died (a crash, the OOM killer), so no job is sent
     to a cluster that is gone."""
 
-    def __init__(self, home: Path, nice: int) -> None:
-        self.home, self.nice = home, nice
+    def __init__(self, home: Path, nice: int, *, dashboard: bool = False) -> None:
+        self.home, self.nice, self.dashboard = home, nice, dashboard
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc, address = start_local_ray(self.home, nice=self.nice)
+        self.proc, address = start_local_ray(self.home, nice=self.nice, dashboard=self.dashboard)
         os.environ.update(ray_env(self.home))
         os.environ["RAY_ADDRESS"] = address
         log.info("started a local Ray head at %s", address)
@@ -325,7 +336,7 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         if not wait_for("Redis", lambda: redis.ping(), settings.redis_url.rsplit("@", 1)[-1], stop=stop):
             return
         if not os.environ.get("RAY_ADDRESS"):
-            local_ray = LocalRay(settings.home, settings.worker_nice)
+            local_ray = LocalRay(settings.home, settings.worker_nice, dashboard=settings.ray_dashboard)
             local_ray.start()
         # torch, Ray and Ray Train load here once, not in every work horse: forked with them, a horse starts
         # its job seconds sooner, and never holds the GIL for seconds loading their libraries while its

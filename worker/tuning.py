@@ -12,13 +12,14 @@ writes every trial (its point, latest score, status and error) to the store; :cl
 ends the search when the job is canceled.
 
 A trial that ASHA stops ends with its Tune actor; a DDP trial's Train controller dies with it, and
-Ray Train's placement-group cleaner (which needs the Ray dashboard, started by ``inco worker``) then
-frees its workers' CPUs.
+the driver's :class:`FreeOrphanedPlacementGroups` then frees its workers' CPUs (Ray would only when
+the search ends).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -43,9 +44,11 @@ from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import TrialStatus
 from worker.reporting import StoreReporter, connect_store, with_retries
-from worker.training import Trainer, root_cause, scaling_config, worker_resources
+from worker.training import Trainer, free_orphaned_placement_groups, root_cause, scaling_config, worker_resources
 
 STOPPER_POLL_S = 1.0
+ORPHANS_POLL_S = 2.0
+log = logging.getLogger("inco.worker")
 
 
 NUMBER = "trial"  # the key of a trial's number in its config
@@ -225,6 +228,26 @@ class CancelStopper(ray.tune.Stopper):
         return self.canceled
 
 
+class FreeOrphanedPlacementGroups(ray.tune.Callback):
+    """Every ``every_s`` of the search: frees what the Train controllers of ended DDP trials still
+    hold (:func:`~worker.training.free_orphaned_placement_groups`), so the next trials get their CPUs."""
+
+    def __init__(self, every_s: float = ORPHANS_POLL_S) -> None:
+        self.every_s = every_s
+        self._next = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        try:
+            if removed := free_orphaned_placement_groups():
+                log.info("freed %d placement group(s) of ended trials", removed)
+        except Exception as exc:  # the GCS busy: the next step tries again
+            log.warning("placement groups of ended trials not checked: %s", exc)
+
+
 class NumberedOptunaSearch(OptunaSearch):
     """Optuna's TPE through Ray Tune, numbering the points it proposes 1, 2, ... in their config."""
 
@@ -324,7 +347,8 @@ def search(
         run_config=ray.tune.RunConfig(
             name=f"job-{job_id}-tune-attempt{config.get('attempt', 1)}",
             storage_path=str(storage_path),
-            callbacks=[StoreTrials(job_id=job_id, epochs=epochs)],
+            callbacks=[StoreTrials(job_id=job_id, epochs=epochs)]
+            + ([] if in_trial(spec) else [FreeOrphanedPlacementGroups()]),
             stop=stopper,
             failure_config=ray.tune.FailureConfig(max_failures=0),
             verbose=0,

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from ray import __version__ as ray_version
 
+from cli.stack import descendants
 from server.errors import ServiceUnavailable
 from tests.chaos import pids_running
 from worker.jobs import check_ray_answers
@@ -26,9 +31,24 @@ def _answers(address: str) -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
+def _dashboard_modules(head: subprocess.Popen[bytes]) -> list[int]:
+    """The processes of a head's dashboard modules (without the dashboard, Ray's API server still runs,
+    with its usage-stats module only, and serves no HTTP)."""
+    return [pid for pid in descendants(head.pid) if "ray-dashboard-" in _cmdline(pid)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def test_a_dead_local_head_is_started_again_before_the_next_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """...and a head runs the Ray dashboard only when asked (INCO_RAY_DASHBOARD), on loopback at the
+    port its log line names."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray = LocalRay(tmp_path, nice=0)
     ray.start()
@@ -36,21 +56,70 @@ def test_a_dead_local_head_is_started_again_before_the_next_job(
         first, proc = os.environ["RAY_ADDRESS"], ray.proc
         assert proc is not None and _answers(first)
         assert b"Ray runtime started." in (tmp_path / "logs" / f"ray-{first.split(':')[1]}.log").read_bytes()
-        # its processes know their cluster: Ray's own lookups (the state API of Train's placement-group
-        # cleaner) would otherwise take the newest Ray head on the machine, another one in these tests
+        # its processes know their cluster: Ray's own lookups would otherwise take the newest Ray head on
+        # the machine, another one in these tests
         assert f"RAY_ADDRESS={first}\0".encode() in Path(f"/proc/{proc.pid}/environ").read_bytes()
+        assert _dashboard_modules(proc) == []  # not asked for one
         ray.ensure()  # alive: nothing happens
         assert ray.proc is proc
         os.killpg(proc.pid, signal.SIGKILL)  # the head and its GCS, raylet, dashboard: gone at once
         proc.wait(10)
-        with caplog.at_level(logging.ERROR, logger="inco.worker"):
+        ray.dashboard = True
+        with caplog.at_level(logging.INFO, logger="inco.worker"):
             ray.ensure()
         assert ray.proc is not proc and ray.proc.poll() is None
         assert os.environ["RAY_ADDRESS"] != first and _answers(os.environ["RAY_ADDRESS"])
         assert f"the local Ray head (pid {proc.pid}) exited" in caplog.text
+        url = re.search(r"the Ray dashboard of \S+: (http://127\.0\.0\.1:\d+)", caplog.text)
+        assert url and _dashboard_modules(ray.proc), caplog.text
+        token = os.environ["RAY_AUTH_TOKEN"]  # the head's token guards its dashboard too
+        assert httpx.get(url[1] + "/api/version", timeout=30).status_code == 401
+        r = httpx.get(url[1] + "/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert r.status_code == 200 and r.json()["ray_version"] == ray_version, r.text
     finally:
         ray.stop()
     assert ray.proc.poll() is not None
+
+
+def test_only_placement_groups_whose_creator_actor_died_are_freed(
+    local_ray: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a search's driver frees every few seconds (a DDP trial's Train controller that ended with
+    its trial leaves its workers' placement group): a placement group made by an actor that died, but
+    neither one whose actor lives nor the driver's own."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from worker.training import free_orphaned_placement_groups
+
+    for name, value in local_ray.items():
+        monkeypatch.setenv(name, value)
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self) -> str:
+            group = placement_group([{"CPU": 0.5}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    ray.init(address=local_ray["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+    try:
+        own = placement_group([{"CPU": 0.5}])
+        ray.get(own.ready())
+        live, dead = Controller.remote(), Controller.remote()
+        kept, orphan = ray.get([live.reserve.remote(), dead.reserve.remote()])
+        assert free_orphaned_placement_groups() == 0  # every creator alive
+        ray.kill(dead)
+        deadline = time.monotonic() + 30
+        while (freed := free_orphaned_placement_groups()) == 0:
+            assert time.monotonic() < deadline, "the dead actor's placement group was never freed"
+            time.sleep(0.2)
+        assert freed == 1
+        states = {pg_id: info["state"] for pg_id, info in placement_group_table().items()}
+        assert states[orphan] == "REMOVED" and states[kept] == "CREATED" and states[own.id.hex()] == "CREATED"
+        assert free_orphaned_placement_groups() == 0  # nothing twice
+    finally:
+        ray.shutdown()
 
 
 def test_a_head_that_does_not_come_up_in_time_is_tried_again_then_an_error_and_leaves_nothing(

@@ -137,8 +137,10 @@ def test_a_crashed_worker_group_restarts_from_the_last_checkpoint(service: Servi
     service.wait_for_epochs(job_id, 2)
     victims = pids_running("RayTrainWorker")
     assert victims, "no Ray Train worker process found"
-    # a training run on a head `inco worker` starts has no Ray Datasets manager and no preemption watcher
-    assert pids_running("ray::DatasetManager") == [] and pids_running("ray::PreemptionWatcher") == []
+    # a training run on a head `inco worker` starts has no Ray Datasets manager, no preemption watcher and
+    # no placement-group cleaner, and the head no dashboard
+    for helper in ("ray::DatasetManager", "ray::PreemptionWatcher", "ray::PlacementGroupCleaner", "dashboard.py"):
+        assert pids_running(helper) == [], helper
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     job, _ = service.wait(job_id, timeout_s=300)
