@@ -28,6 +28,7 @@ from inco_core.errors import InCoError
 from server.store import access
 from server.store.db import session_scope
 from server.store.models import Artifact, Model
+from worker.placement import free_orphaned_placement_groups
 from worker.reporting import StoreBackbones, StoreReporter, connect_store, with_retries
 
 METRICS_ENV = "RAY_TRAIN_METRICS_ENABLED"  # Ray's own switch: set it to 1 to export Ray Train's metrics
@@ -43,7 +44,7 @@ class Trainer(TorchTrainer):
       the run's controller still lives, to free the run's CPUs and GPUs if it died while its driver
       went on. A job's driver is its work horse, which ends with the job (Ray frees what an ended
       driver's actors held), and a search frees those of its trials itself
-      (:func:`free_orphaned_placement_groups`);
+      (:func:`worker.placement.free_orphaned_placement_groups`);
     - Ray Train's metrics (controller and workers), unless ``RAY_TRAIN_METRICS_ENABLED`` is set: the
       service stores its own, and Ray's go to a Prometheus endpoint nobody reads by default.
     """
@@ -58,33 +59,6 @@ class Trainer(TorchTrainer):
         if METRICS_ENV not in os.environ:
             unused += [ControllerMetricsCallback, WorkerMetricsCallback]
         return [cb for cb in callbacks if not isinstance(cb, tuple(unused))]
-
-
-def free_orphaned_placement_groups() -> int:
-    """Remove the placement groups of this Ray job whose creator, an actor, died: a Ray Train
-    controller that ended with its Tune trial (ASHA stopped it, or it crashed) leaves its workers'
-    CPUs and GPUs held until the job ends, which for a search is when the search ends. Placement
-    groups that this job's driver made itself (Tune's, one per trial) and detached ones are left
-    alone. Returns how many it removed. Reads Ray's GCS directly, not the Ray dashboard."""
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    job_id = ray.get_runtime_context().get_job_id()
-    removed = 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        created_by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
-        if (
-            pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
-            and created_by_actor
-            and pg.creator_actor_dead
-            and not pg.is_detached
-            and pg.creator_job_id.hex() == job_id
-        ):
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-    return removed
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -43,8 +43,9 @@ from server.settings import Settings
 from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import TrialStatus
+from worker.placement import free_orphaned_placement_groups
 from worker.reporting import StoreReporter, connect_store, with_retries
-from worker.training import Trainer, free_orphaned_placement_groups, root_cause, scaling_config, worker_resources
+from worker.training import Trainer, root_cause, scaling_config, worker_resources
 
 STOPPER_POLL_S = 1.0
 ORPHANS_POLL_S = 2.0
@@ -230,7 +231,7 @@ class CancelStopper(ray.tune.Stopper):
 
 class FreeOrphanedPlacementGroups(ray.tune.Callback):
     """Every ``every_s`` of the search: frees what the Train controllers of ended DDP trials still
-    hold (:func:`~worker.training.free_orphaned_placement_groups`), so the next trials get their CPUs."""
+    hold (:func:`~worker.placement.free_orphaned_placement_groups`), so the next trials get their CPUs."""
 
     def __init__(self, every_s: float = ORPHANS_POLL_S) -> None:
         self.every_s = every_s
@@ -343,6 +344,10 @@ def search(
             max_concurrent_trials=concurrent,
             scheduler=scheduler,
             search_alg=searcher,
+            # a trial that ended hands its Ray actor (torch, Ray Train and the service loaded) to the next
+            # one, which then starts without a new process (one still training when ASHA stopped it is
+            # not reused: Tune ends it and starts a new one)
+            reuse_actors=True,
         ),
         run_config=ray.tune.RunConfig(
             name=f"job-{job_id}-tune-attempt{config.get('attempt', 1)}",

@@ -1,5 +1,6 @@
-"""A worker's own Ray head: up when start_local_ray returns, started again when it died, and a job
-whose Ray head is gone fails its attempt at once instead of waiting for it forever."""
+"""A worker's own Ray head: up when start_local_ray returns, started again when it died, with the Ray
+dashboard only when asked, and a job whose Ray head is gone fails its attempt at once instead of
+waiting for it forever; what a dead Train controller held is freed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from ray import __version__ as ray_version
 from cli.stack import descendants
 from server.errors import ServiceUnavailable
 from tests.chaos import pids_running
+from tests.worker.conftest import REPO
 from worker.jobs import check_ray_answers
 from worker.main import LocalRay, start_local_ray
 
@@ -81,45 +84,49 @@ def test_a_dead_local_head_is_started_again_before_the_next_job(
     assert ray.proc.poll() is not None
 
 
-def test_only_placement_groups_whose_creator_actor_died_are_freed(
-    local_ray: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+ORPHANS = """
+import time, ray
+from ray.util.placement_group import placement_group, placement_group_table
+from worker.placement import free_orphaned_placement_groups
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def reserve(self):
+        group = placement_group([{"CPU": 0.5}])
+        ray.get(group.ready())
+        return group.id.hex()
+
+ray.init(logging_level="ERROR", log_to_driver=False)
+own = placement_group([{"CPU": 0.5}])
+ray.get(own.ready())
+live, dead = Controller.remote(), Controller.remote()
+kept, orphan = ray.get([live.reserve.remote(), dead.reserve.remote()])
+assert free_orphaned_placement_groups() == 0, "freed with every creator alive"
+ray.kill(dead)
+deadline = time.monotonic() + 30
+while (freed := free_orphaned_placement_groups()) == 0:
+    assert time.monotonic() < deadline, "the dead actor's placement group was never freed"
+    time.sleep(0.2)
+states = {pg_id: info["state"] for pg_id, info in placement_group_table().items()}
+print(freed, states[orphan], states[kept], states[own.id.hex()], free_orphaned_placement_groups())
+"""
+
+
+def test_only_placement_groups_whose_creator_actor_died_are_freed(local_ray: dict[str, str]) -> None:
     """What a search's driver frees every few seconds (a DDP trial's Train controller that ended with
     its trial leaves its workers' placement group): a placement group made by an actor that died, but
-    neither one whose actor lives nor the driver's own."""
-    import ray
-    from ray.util.placement_group import placement_group, placement_group_table
-
-    from worker.training import free_orphaned_placement_groups
-
-    for name, value in local_ray.items():
-        monkeypatch.setenv(name, value)
-
-    @ray.remote(num_cpus=0)
-    class Controller:
-        def reserve(self) -> str:
-            group = placement_group([{"CPU": 0.5}])
-            ray.get(group.ready())
-            return group.id.hex()
-
-    ray.init(address=local_ray["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
-    try:
-        own = placement_group([{"CPU": 0.5}])
-        ray.get(own.ready())
-        live, dead = Controller.remote(), Controller.remote()
-        kept, orphan = ray.get([live.reserve.remote(), dead.reserve.remote()])
-        assert free_orphaned_placement_groups() == 0  # every creator alive
-        ray.kill(dead)
-        deadline = time.monotonic() + 30
-        while (freed := free_orphaned_placement_groups()) == 0:
-            assert time.monotonic() < deadline, "the dead actor's placement group was never freed"
-            time.sleep(0.2)
-        assert freed == 1
-        states = {pg_id: info["state"] for pg_id, info in placement_group_table().items()}
-        assert states[orphan] == "REMOVED" and states[kept] == "CREATED" and states[own.id.hex()] == "CREATED"
-        assert free_orphaned_placement_groups() == 0  # nothing twice
-    finally:
-        ray.shutdown()
+    neither one whose actor lives nor the driver's own, and none twice. (A driver of its own, as a
+    search's work horse is.)"""
+    done = subprocess.run(
+        [sys.executable, "-c", ORPHANS],
+        cwd=REPO,
+        env={**os.environ, **local_ray},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["1", "REMOVED", "CREATED", "CREATED", "0"], done.stdout
 
 
 def test_a_head_that_does_not_come_up_in_time_is_tried_again_then_an_error_and_leaves_nothing(
