@@ -60,14 +60,14 @@ def head_cost(dashboard: bool, settle_s: float) -> tuple[float, float]:
     return cpu, took
 
 
-def run_costs(runs: int, step: float) -> dict[str, list[tuple[float, float]]]:
+def run_costs(home: Path, runs: int, step: float) -> dict[str, list[tuple[float, float]]]:
     """CPU-seconds and seconds of each trivial run: Ray's ``TorchTrainer`` on a head with the dashboard
     (its placement-group cleaner asks the dashboard), the service's ``Trainer`` on one without."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from worker.main import ray_env, start_local_ray, stop_local_ray
+    from worker.main import start_local_ray, stop_local_ray
     from worker.training import Trainer
 
     out: dict[str, list[tuple[float, float]]] = {}
@@ -75,9 +75,7 @@ def run_costs(runs: int, step: float) -> dict[str, list[tuple[float, float]]]:
         ("Ray's TorchTrainer, head with the dashboard", TorchTrainer, True),
         ("the service's Trainer, head without", Trainer, False),
     ):
-        home = Path(tempfile.mkdtemp(prefix="ray-cost-"))
         proc, address = start_local_ray(home, dashboard=dashboard)
-        os.environ.update(ray_env(home))
         os.environ["RAY_ADDRESS"] = address
         out[name] = []
         try:
@@ -90,7 +88,7 @@ def run_costs(runs: int, step: float) -> dict[str, list[tuple[float, float]]]:
                     train_loop_config={"step": step},
                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                     run_config=RunConfig(
-                        name=f"run-{i}",
+                        name=f"{cls.__name__}-{i}",
                         storage_path=str(home / "runs"),
                         failure_config=FailureConfig(max_failures=0),
                     ),
@@ -114,10 +112,15 @@ def main() -> None:
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as on the heads `inco worker` starts
+    from worker.main import ray_env
+
+    # the heads' token, before Ray is imported: Ray reads its authentication mode once per process
+    home = Path(tempfile.mkdtemp(prefix="ray-cost-"))
+    os.environ.update(ray_env(home))
     heads = {label: head_cost(dash, args.settle) for label, dash in (("without", False), ("with", True))}
     for label, (cpu, took) in heads.items():
         print(f"head {label} dashboard: {cpu:.1f} CPU-s ({took:.1f} s to start)", flush=True)
-    costs = run_costs(args.runs, args.step)
+    costs = run_costs(home, args.runs, args.step)
     lines = [
         "# What Ray's own processes cost",
         "",
