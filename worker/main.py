@@ -74,8 +74,8 @@ def start_local_ray(
     """A Ray head on loopback that lives as long as the returned process (``ray start --block``); it
     and the training processes it starts run at CPU priority ``nice`` at least (INCO_WORKER_NICE).
     With ``dashboard`` (INCO_RAY_DASHBOARD) it runs the Ray dashboard on loopback, on a free port
-    that the log names; without it the head saves the dashboard's dozen processes (about 20
-    CPU-seconds to start on a small machine, and a share of a core while it serves).
+    that the log names; without it the head saves the dashboard's modules (a dozen processes: about
+    6 CPU-seconds more to start on 2 cores, bench/results/ray-run-cost.md, and more while they serve).
 
     Returns once ``ray start`` says the whole head is up (GCS, raylet, dashboard) and the head is
     still there a moment later, not when its GCS port first answers: on a busy machine the dashboard
@@ -120,7 +120,7 @@ def _start_head(
         f"--port={port}",
         "--node-ip-address=127.0.0.1",
         # the service needs no dashboard: it stores its own metrics, and frees what a dead Train
-        # controller held without Ray's state API (worker.training.free_orphaned_placement_groups)
+        # controller held without Ray's state API (worker.placement.free_orphaned_placement_groups)
         f"--include-dashboard={str(dashboard).lower()}",
         # the log monitor streams workers' output to drivers that ask for it; a job's driver does not
         # (log_to_driver=False: its workers report to the store), and the logs stay in Ray's session folder

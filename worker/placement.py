@@ -3,7 +3,11 @@ their CPUs and GPUs until its Ray job (driver) ends. Read from Ray's GCS, not th
 
 from __future__ import annotations
 
+import logging
+
 import ray
+
+log = logging.getLogger("inco.worker")
 
 
 def free_orphaned_placement_groups() -> int:
@@ -31,3 +35,13 @@ def free_orphaned_placement_groups() -> int:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             removed += 1
     return removed
+
+
+def release_orphaned_placement_groups(of: str) -> None:
+    """:func:`free_orphaned_placement_groups`, logged; a GCS that does not answer is logged too, not
+    raised (what ``of`` names goes on without: the next call tries again)."""
+    try:
+        if removed := free_orphaned_placement_groups():
+            log.info("freed %d placement group(s) of %s", removed, of)
+    except Exception as exc:
+        log.warning("placement groups of %s not checked: %s", of, exc)

@@ -28,7 +28,7 @@ from inco_core.errors import InCoError
 from server.store import access
 from server.store.db import session_scope
 from server.store.models import Artifact, Model
-from worker.placement import free_orphaned_placement_groups
+from worker.placement import release_orphaned_placement_groups
 from worker.reporting import StoreBackbones, StoreReporter, connect_store, with_retries
 
 METRICS_ENV = "RAY_TRAIN_METRICS_ENABLED"  # Ray's own switch: set it to 1 to export Ray Train's metrics
@@ -254,6 +254,6 @@ def fit(
             cause = root_cause(exc)
             if isinstance(cause, InCoError) or attempt == restarts:
                 raise cause from None
-            free_orphaned_placement_groups()  # a controller that died leaves the CPUs the next group needs held
+            release_orphaned_placement_groups("the crashed group")  # a dead controller holds the next group's CPUs
             if on_restart is not None:
                 on_restart(attempt + 1, cause)

@@ -19,7 +19,6 @@ the search ends).
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -43,13 +42,12 @@ from server.settings import Settings
 from server.store import access
 from server.store.db import make_engine, session_scope
 from server.store.models import TrialStatus
-from worker.placement import free_orphaned_placement_groups
+from worker.placement import release_orphaned_placement_groups
 from worker.reporting import StoreReporter, connect_store, with_retries
 from worker.training import Trainer, root_cause, scaling_config, worker_resources
 
 STOPPER_POLL_S = 1.0
 ORPHANS_POLL_S = 2.0
-log = logging.getLogger("inco.worker")
 
 
 NUMBER = "trial"  # the key of a trial's number in its config
@@ -242,11 +240,7 @@ class FreeOrphanedPlacementGroups(ray.tune.Callback):
         if now < self._next:
             return
         self._next = now + self.every_s
-        try:
-            if removed := free_orphaned_placement_groups():
-                log.info("freed %d placement group(s) of ended trials", removed)
-        except Exception as exc:  # the GCS busy: the next step tries again
-            log.warning("placement groups of ended trials not checked: %s", exc)
+        release_orphaned_placement_groups("ended trials")
 
 
 class NumberedOptunaSearch(OptunaSearch):

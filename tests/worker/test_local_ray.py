@@ -37,14 +37,7 @@ def _answers(address: str) -> bool:
 def _dashboard_modules(head: subprocess.Popen[bytes]) -> list[int]:
     """The processes of a head's dashboard modules (without the dashboard, Ray's API server still runs,
     with its usage-stats module only, and serves no HTTP)."""
-    return [pid for pid in descendants(head.pid) if "ray-dashboard-" in _cmdline(pid)]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    return sorted(set(pids_running("ray-dashboard-")) & set(descendants(head.pid)))
 
 
 def test_a_dead_local_head_is_started_again_before_the_next_job(
