@@ -412,6 +412,7 @@ def up(
     for note in notes:
         typer.echo(note, err=True)
     typer.echo(f"InCo is up: API {api_url}, worker on Ray {ray_address}, logs in {settings.home / 'logs'}", err=True)
+    typer.echo(f"the web page: {api_url}/ (sign in with the token in {settings.home / 'token'})", err=True)
     typer.echo("submit a job with `inco submit --ratio 1:16`; stop everything with `inco down`", err=True)
 
 
