@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from server import queue
 from server.api import errors, observability, security
 from server.api.limits import BodySizeLimit
-from server.api.routes import artifacts, datasets, jobs, models, results, tokens
+from server.api.routes import artifacts, datasets, jobs, models, plots, results, tokens
 from server.errors import ServiceUnavailable
 from server.logs import setup_logging
 from server.settings import Settings
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True,
     app.add_middleware(BodySizeLimit)  # 413 for bodies over max_body_bytes / max_upload_bytes
     observability.install(app)  # GET /metrics; request latency and one log line per request
     security.install(app, settings)  # security headers on every answer; CORS only for INCO_CORS_ORIGINS
-    for module in (jobs, results, datasets, artifacts, models, tokens):
+    for module in (jobs, results, datasets, artifacts, models, tokens, plots):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])

@@ -173,6 +173,14 @@ def create_token_for_b(client: TestClient, a: dict[str, str], b: TeamB) -> None:
     assert "a-ci" not in client.get("/v1/tokens", headers=auth(b.token)).text
 
 
+def figure4_of_b(client: TestClient, a: dict[str, str], b: TeamB) -> None:
+    """A's Figure 4 draws A's results only: A has none (404), B's draws B's."""
+    mine = client.get("/v1/results/figure4.png", headers=a)
+    assert mine.status_code == 404 and "no results yet" in mine.json()["detail"], mine.text
+    theirs = client.get("/v1/results/figure4.png", headers=auth(b.token))
+    assert theirs.status_code == 200 and theirs.headers["content-type"] == "image/png", theirs.text
+
+
 def predict_b_model(client: TestClient, a: dict[str, str], b: TeamB) -> None:
     """A cannot run B's model: 404, as for a model that does not exist."""
     files = [("files", ("a.png", b"\x89PNG", "image/png"))]
@@ -191,6 +199,15 @@ CROSS_TEAM: dict[tuple[str, str], Check] = {
     ("GET", "/v1/jobs/{job_id}/artifacts"): not_found("GET", "/v1/jobs/{job_id}/artifacts", "no job"),
     ("POST", "/v1/jobs/{job_id}/cancel"): not_found("POST", "/v1/jobs/{job_id}/cancel", "no job"),
     ("GET", "/v1/results"): listing("/v1/results"),
+    ("GET", "/v1/results/figure4.{fmt}"): figure4_of_b,
+    ("GET", "/v1/jobs/{job_id}/plots/curves.{fmt}"): not_found("GET", "/v1/jobs/{job_id}/plots/curves.png", "no job"),
+    ("GET", "/v1/jobs/{job_id}/plots/confusion.{fmt}"): not_found(
+        "GET", "/v1/jobs/{job_id}/plots/confusion.svg", "no job"
+    ),
+    ("GET", "/v1/jobs/{job_id}/plots/embedding.{fmt}"): not_found(
+        "GET", "/v1/jobs/{job_id}/plots/embedding.png", "no job"
+    ),
+    ("GET", "/v1/jobs/{job_id}/plots/trials.{fmt}"): not_found("GET", "/v1/jobs/{job_id}/plots/trials.png", "no job"),
     ("GET", "/v1/datasets"): listing("/v1/datasets"),
     ("GET", "/v1/artifacts"): listing("/v1/artifacts"),
     ("GET", "/v1/tokens"): listing("/v1/tokens"),

@@ -90,7 +90,7 @@ def test_every_v1_route_needs_its_scope(client: TestClient) -> None:
     assert len(routes) >= 15
     for method, path in routes:
         need = required_scope(method, path)
-        url = path.format(job_id="nope", prefix="inco_abcdefg", model_id=424242)
+        url = path.format(job_id="nope", prefix="inco_abcdefg", model_id=424242, fmt="png")
         for scope, token in only.items():
             r = client.request(method, url, headers=auth(token), json={})
             if scope == need:
