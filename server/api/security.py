@@ -3,8 +3,11 @@
 Every answer gets ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``,
 ``Referrer-Policy: no-referrer`` and a ``Content-Security-Policy`` that allows nothing (the API serves
 JSON only); the interactive docs (``/docs``, ``/redoc``) get a policy that lets them load FastAPI's
-Swagger UI and ReDoc bundles from their CDN. Answers under ``/v1`` (and ``/metrics``) get
-``Cache-Control: no-store``: they hold a team's data and must not sit in a shared cache.
+Swagger UI and ReDoc bundles from their CDN; the web page (``/`` and ``/web/<file>``) gets
+:data:`WEB_CSP`: its own script and style sheet only, no inline code, images from the API as ``blob:``
+URLs, and no form that can navigate (so a token typed into one never lands in a URL). Answers under
+``/v1`` (and ``/metrics``) get ``Cache-Control: no-store``: they hold a team's data and must not sit in
+a shared cache.
 
 CORS is off unless ``INCO_CORS_ORIGINS`` lists origins: without it a browser page on another origin
 cannot read any answer. Tokens are sent as a header, never a cookie, so credentials stay off.
@@ -28,6 +31,16 @@ DOCS_CSP = (
 )
 """Swagger UI and ReDoc as FastAPI serves them: their bundles from jsDelivr, an inline start script."""
 DOCS_PATHS = ("/docs", "/redoc")
+WEB_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "form-action 'none'; frame-ancestors 'none'; base-uri 'none'; "
+    "require-trusted-types-for 'script'; trusted-types 'none'"
+)
+"""The web page (server/web): nothing inline, nothing from elsewhere; fetch() to this origin; plots
+and local images as ``blob:`` URLs; Trusted Types with no policy, so an ``innerHTML`` assignment throws
+in the browser instead of parsing markup."""
+WEB_PAGE = "/"
+WEB_PREFIX = "/web/"
 NO_STORE_PREFIXES = ("/v1/", "/metrics")
 
 COMMON_HEADERS = [
@@ -37,10 +50,18 @@ COMMON_HEADERS = [
 ]
 
 
+def policy_for(path: str) -> str:
+    """The Content-Security-Policy of an answer to ``path``."""
+    if path.startswith(DOCS_PATHS):
+        return DOCS_CSP
+    if path == WEB_PAGE or path.startswith(WEB_PREFIX):
+        return WEB_CSP
+    return API_CSP
+
+
 def headers_for(path: str) -> list[tuple[bytes, bytes]]:
     """The security headers of an answer to ``path``."""
-    docs = path.startswith(DOCS_PATHS)
-    out = [*COMMON_HEADERS, (b"content-security-policy", (DOCS_CSP if docs else API_CSP).encode())]
+    out = [*COMMON_HEADERS, (b"content-security-policy", policy_for(path).encode())]
     if path.startswith(NO_STORE_PREFIXES) or path == "/v1":
         out.append((b"cache-control", b"no-store"))
     return out
