@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from server import queue
-from server.api import errors, observability, security
+from server.api import errors, observability, security, web
 from server.api.limits import BodySizeLimit
 from server.api.routes import artifacts, datasets, jobs, models, plots, results, tokens
 from server.errors import ServiceUnavailable
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True,
     security.install(app, settings)  # security headers on every answer; CORS only for INCO_CORS_ORIGINS
     for module in (jobs, results, datasets, artifacts, models, tokens, plots):
         app.include_router(module.router)
+    app.include_router(web.router)  # the web page for plant teams at / (server/web, docs/web.md)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
