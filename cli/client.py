@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -15,12 +16,21 @@ from server.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 30.0
+PLOT_TIMEOUT_S = 600.0
+"""A picture the API computes first (an embedding map: a backbone over the test images, then t-SNE)."""
+BUSY_WAIT_S = 300.0
+"""How long a request the API answers 429 (busy) is retried, as its Retry-After says."""
 TOKEN_FIX = "set INCO_TOKEN or run `inco up`"
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class ClientError(Exception):
-    """A request to the API failed; ``str(exc)`` is the one line to show."""
+    """A request to the API failed; ``str(exc)`` is the one line to show, ``status`` the HTTP status of
+    the answer when there was one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _stack(path: Path) -> dict[str, Any]:
@@ -88,6 +98,14 @@ def _detail(response: httpx.Response) -> str:
     )
 
 
+def _retry_after(response: httpx.Response) -> float:
+    """The seconds a 429 answer's Retry-After header asks for (1 to 30; 1 when absent)."""
+    try:
+        return min(30.0, max(1.0, float(response.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
+
+
 class ApiClient:
     """``with ApiClient.from_env() as api: api.get_job(id)``; JSON in, JSON out."""
 
@@ -134,34 +152,26 @@ class ApiClient:
         content_type: str | None = None,
         files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
         raw: bool = False,
+        timeout_s: float | None = None,
+        busy_wait_s: float = 0.0,
     ) -> Any:
         """``body`` is sent as JSON; ``content`` (an open file, streamed) as ``content_type``; ``files``
-        as multipart form fields. Returns the JSON answer, or with ``raw`` the response itself."""
+        as multipart form fields. Returns the JSON answer, or with ``raw`` the response itself.
+        ``timeout_s`` replaces the client's timeout for this request; a 429 (busy) answer is retried for up
+        to ``busy_wait_s`` seconds, waiting what its Retry-After header says."""
         params = {k: v for k, v in (params or {}).items() if v is not None}
-        try:
-            if content is not None:
-                response = self.http.request(
-                    method, path, params=params, content=content, headers={"Content-Type": str(content_type)}
-                )
-            elif files is not None:
-                response = self.http.request(method, path, params=params, files=files)
-            else:
-                response = self.http.request(method, path, params=params, json=body)
-        except httpx.ConnectError:
-            raise ClientError(
-                f"cannot reach the InCo API at {self.base_url}: start it with `inco up` or set INCO_API_URL"
-            ) from None
-        except httpx.TimeoutException:
-            raise ClientError(
-                f"the InCo API at {self.base_url} did not answer within {self.timeout_s:.0f} s: "
-                "check that it runs (`inco up`) or set INCO_API_URL"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise ClientError(f"request to the InCo API at {self.base_url} failed: {exc}; check INCO_API_URL") from None
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + busy_wait_s
+        while True:
+            response = self._send(method, path, params, body, content, content_type, files, timeout)
+            left = deadline - time.monotonic()
+            if response.status_code != 429 or left <= 0:
+                break
+            time.sleep(min(left, _retry_after(response)))
         if response.status_code == 401:
-            raise ClientError(f"{_detail(response)} ({TOKEN_FIX})")
+            raise ClientError(f"{_detail(response)} ({TOKEN_FIX})", response.status_code)
         if response.status_code >= 400:
-            raise ClientError(_detail(response))
+            raise ClientError(_detail(response), response.status_code)
         if raw:
             return response
         try:
@@ -171,6 +181,71 @@ class ApiClient:
                 f"{self.base_url} answered {method} {path} with something that is not JSON: "
                 "is INCO_API_URL the InCo API?"
             ) from None
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any],
+        body: Any,
+        content: IO[bytes] | None,
+        content_type: str | None,
+        files: list[tuple[str, tuple[str, bytes, str]]] | None,
+        timeout: float,
+    ) -> httpx.Response:
+        try:
+            if content is not None:
+                return self.http.request(
+                    method,
+                    path,
+                    params=params,
+                    content=content,
+                    headers={"Content-Type": str(content_type)},
+                    timeout=timeout,
+                )
+            if files is not None:
+                return self.http.request(method, path, params=params, files=files, timeout=timeout)
+            return self.http.request(method, path, params=params, json=body, timeout=timeout)
+        except httpx.ConnectError:
+            raise ClientError(
+                f"cannot reach the InCo API at {self.base_url}: start it with `inco up` or set INCO_API_URL"
+            ) from None
+        except httpx.TimeoutException:
+            raise ClientError(
+                f"the InCo API at {self.base_url} did not answer within {timeout:.0f} s: "
+                "check that it runs (`inco up`) or set INCO_API_URL"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"request to the InCo API at {self.base_url} failed: {exc}; check INCO_API_URL") from None
+
+    # -- pictures (PNG or SVG, drawn by the API) ---------------------------------------------------------
+    def image(
+        self, path: str, *, params: dict[str, Any] | None = None, timeout_s: float | None = None, busy_wait_s: float = 0
+    ) -> bytes:
+        """The bytes of a picture the API draws; an answer that is not an image is a ClientError."""
+        response = self.request("GET", path, params=params, raw=True, timeout_s=timeout_s, busy_wait_s=busy_wait_s)
+        kind = response.headers.get("content-type", "")
+        if not kind.startswith("image/"):
+            raise ClientError(
+                f"{self.base_url} answered GET {path} with {kind or 'no content type'}, not an image: "
+                "is INCO_API_URL the InCo API?"
+            )
+        return response.content
+
+    def figure4(self, fmt: str, **filters: str | None) -> bytes:
+        """Figure 4 (accuracy against the labelled ratio) of the leaderboard rows these filters keep."""
+        return self.image(f"/v1/results/figure4.{fmt}", params=filters)
+
+    def job_plot(self, job_id: str, name: str, fmt: str, **params: Any) -> bytes:
+        """One of a job's plots: curves, confusion, embedding (computed first: a long timeout, and
+        retried while the API is busy computing another) or trials."""
+        slow = name == "embedding"
+        return self.image(
+            job_path(job_id, f"/plots/{name}.{fmt}"),
+            params=params,
+            timeout_s=PLOT_TIMEOUT_S if slow else None,
+            busy_wait_s=BUSY_WAIT_S if slow else 0,
+        )
 
     # -- jobs ----------------------------------------------------------------------------------------
     def submit_job(

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cli import models, service, stack
+from cli import models, plots, service, stack
 from cli.common import App, err_console, fail, spec_fields
 from cli.render import RichReporter, results_table
 from inco_core.config import METHODS, PRESETS, load_spec
@@ -95,6 +95,7 @@ def run(
 stack.register(app)
 service.register(app)
 models.register(app)
+plots.register(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -404,17 +404,36 @@ def results(
         str | None, typer.Option("--tune", help="instead: the trials of this tune job, best first")
     ] = None,
     format_: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="also write these rows as Figure 4 (accuracy against the labelled ratio) to this .png or .svg "
+            "file; with --tune, the trials",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """The leaderboard: mean ± std of test accuracy over seeds, per method and label ratio (Table 1).
 
-    json and csv give the raw rows, accuracy as a fraction. With --tune JOB_ID: the search's trials."""
+    json and csv give the raw rows, accuracy as a fraction. With --tune JOB_ID: the search's trials.
+    With --plot FILE: the same rows drawn as the paper's Figure 4 (drawn by the API)."""
     if format_ not in ("table", "json", "csv"):
         fail(f"--format must be table, json or csv (got {format_!r})")
+    if plot is not None:
+        from cli.plots import plot_format
+
+        plot_format(plot)  # a bad suffix is said before any request
     if tune_job is not None:
-        _tune_results(tune_job, format_)
+        _tune_results(tune_job, format_, plot)
         return
+    filters = {"method": method, "ratio": ratio, "eval": eval_, "preset": preset, "dataset": dataset}
     with _api() as api:
-        rows = api.leaderboard(method=method, ratio=ratio, eval=eval_, preset=preset, dataset=dataset)
+        rows = api.leaderboard(**filters)
+        if plot is not None and not rows:
+            fail(f"no results yet, nothing to draw in {plot}: submit a job with `inco submit`, or loosen the filters")
+        if plot is not None:
+            _write_plot(plot, api.figure4(plot_format(plot), **filters), f"Figure 4 of {len(rows)} row(s)")
     if format_ == "json":
         _print_json(rows)
     elif format_ == "csv":
@@ -432,9 +451,20 @@ def results(
 TRIAL_FIELDS = ("number", "status", "score", "epoch", "epochs", "params", "error")
 
 
-def _tune_results(job_id: str, format_: str) -> None:
+def _write_plot(path: Path, data: bytes, what: str) -> None:
+    from cli.plots import write
+
+    write(path, data)
+    err_console.print(f"wrote {what} to {path}", highlight=False, soft_wrap=True)
+
+
+def _tune_results(job_id: str, format_: str, plot: Path | None = None) -> None:
     with _api() as api:
         rows = api.trials(job_id)
+        if plot is not None and not rows:
+            fail(f"tune job {job_id} has no trials yet, nothing to draw in {plot}: `inco wait {job_id}` follows it")
+        if plot is not None:
+            _write_plot(plot, api.job_plot(job_id, "trials", plot.suffix.lower()[1:]), f"the {len(rows)} trial(s)")
     if format_ == "json":
         _print_json(rows)
     elif format_ == "csv":
