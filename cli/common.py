@@ -1,5 +1,6 @@
 """What every ``inco`` command module shares: the error line, the Typer app class that refuses a
-single-valued option given twice, and the run-spec fields of ``inco run`` and ``inco submit``.
+single-valued option given twice, the run-spec fields of ``inco run`` and ``inco submit``, and the
+writing of the pictures ``inco plot`` and ``inco results --plot`` save.
 
 Imports flow one way: ``cli.main`` -> ``cli.service`` / ``cli.stack`` -> ``cli.common``; this module
 imports no other command module."""
@@ -7,7 +8,10 @@ imports no other command module."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -23,6 +27,41 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """One red line on stderr, exit ``code``: the CLI never shows a traceback for a user's mistake."""
     err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+# -- files the commands write ----------------------------------------------------------------------
+PLOT_FORMATS = ("png", "svg")
+"""The formats of the pictures the API draws (``inco plot``, ``inco results --plot``)."""
+
+
+def plot_format(path: Path) -> str:
+    """``png`` or ``svg``, from a file name's suffix; anything else ends the command with the fix."""
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        fail(f"--plot takes a .png or .svg file name (got {str(path)!r}): e.g. --plot figure4.png")
+    return suffix
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` (atomically); a folder that cannot be written ends the command with the fix."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path} ({exc.strerror or exc}): pass a file in a folder you can write to")
+
+
+def writable_folder(folder: Path) -> Path:
+    """``folder``, made if needed, after a test write; one that cannot be written ends the command."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".inco-plot-"):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to {folder} ({exc.strerror or exc}): pass a folder you can write to with --out")
+    return folder
 
 
 # -- one value per single-valued option ----------------------------------------------------------

@@ -1,11 +1,9 @@
-"""``inco plot JOB --out DIR`` and ``inco results --plot FILE``: the pictures the API draws
-(server/plots.py), written to files. The CLI draws nothing itself, so a picture is the same wherever it
-is looked at (the web page, the API, these files)."""
+"""``inco plot JOB --out DIR``: a job's pictures, as the API draws them (server/plots.py), written to
+files (``inco results --plot FILE``, in cli/service.py, writes Figure 4 the same way). The CLI draws
+nothing itself, so a picture is the same wherever it is looked at (the web page, the API, these files)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,40 +11,8 @@ import typer
 from rich.console import Console
 
 from cli.client import ApiClient, ClientError
-from cli.common import App, err_console, fail
+from cli.common import PLOT_FORMATS, App, err_console, fail, writable_folder, write_file
 from cli.service import _api
-
-FORMATS = ("png", "svg")
-
-
-def plot_format(path: Path) -> str:
-    """``png`` or ``svg``, from a file name's suffix; anything else ends the command with the fix."""
-    suffix = path.suffix.lower().lstrip(".")
-    if suffix not in FORMATS:
-        fail(f"--plot takes a .png or .svg file name (got {str(path)!r}): e.g. --plot figure4.png")
-    return suffix
-
-
-def write(path: Path, data: bytes) -> None:
-    """Write ``data`` (atomically); a folder that cannot be written ends the command with the fix."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        fail(f"cannot write {path} ({exc.strerror or exc}): pass a file in a folder you can write to")
-
-
-def writable_folder(folder: Path) -> Path:
-    """``folder``, made if needed, after a test write; one that cannot be written ends the command."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".inco-plot-"):
-            pass
-    except OSError as exc:
-        fail(f"cannot write to {folder} ({exc.strerror or exc}): pass a folder you can write to with --out")
-    return folder
 
 
 def ratio_slug(ratio: str) -> str:
@@ -63,7 +29,7 @@ def job_plots(api: ApiClient, job: dict[str, Any], out: Path, fmt: str) -> list[
 
     def save(name: str, data: bytes) -> None:
         path = out / f"{name}.{fmt}"
-        write(path, data)
+        write_file(path, data)
         written.append(path)
         Console(highlight=False, soft_wrap=True).print(str(path))
 
@@ -109,7 +75,7 @@ def plot(
     """Write a job's pictures into a folder: curves (training curves), confusion-<ratio>-<eval>-seed<N> (one
     per result row), embedding-seed<N> (a t-SNE map of the backbone's embedding of the test images, per
     seed), trials (tune jobs). Prints each file written."""
-    if format_ not in FORMATS:
+    if format_ not in PLOT_FORMATS:
         fail(f"--format must be png or svg (got {format_!r})")
     folder = writable_folder(out)
     with _api() as api:

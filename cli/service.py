@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from cli.client import ApiClient, ClientError
-from cli.common import App, err_console, fail, spec_fields
+from cli.common import App, err_console, fail, plot_format, spec_fields, write_file
 from cli.render import (
     STATUS_STYLE,
     JobProgress,
@@ -421,8 +421,6 @@ def results(
     if format_ not in ("table", "json", "csv"):
         fail(f"--format must be table, json or csv (got {format_!r})")
     if plot is not None:
-        from cli.plots import plot_format
-
         plot_format(plot)  # a bad suffix is said before any request
     if tune_job is not None:
         _tune_results(tune_job, format_, plot)
@@ -452,9 +450,7 @@ TRIAL_FIELDS = ("number", "status", "score", "epoch", "epochs", "params", "error
 
 
 def _write_plot(path: Path, data: bytes, what: str) -> None:
-    from cli.plots import write
-
-    write(path, data)
+    write_file(path, data)
     err_console.print(f"wrote {what} to {path}", highlight=False, soft_wrap=True)
 
 
