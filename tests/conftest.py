@@ -8,7 +8,7 @@ import torch
 
 from inco_core.data import ImageSet, load_images
 
-pytest_plugins = ["tests.service_fixtures"]
+pytest_plugins = ["tests.service_fixtures", "tests.stack_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,13 +36,16 @@ def neu32(neu_path: Path, tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
 # the worker tests followed by the tune tests in one unit, so that the two long halves run side by side.
 # (A search that stalled for 600 s with several Ray heads on the machine was Ray Train's placement-group
 # cleaner asking the newest head instead of its own; start_local_ray gives every head's processes their
-# RAY_ADDRESS since.) The other service files follow, each a unit; the files that read the session's
-# smoke classifiers are one unit, so that one process trains them.
+# RAY_ADDRESS since.) The other service files follow, each a unit; the files that share the local stack
+# are one unit, and so are the files that read the session's smoke classifiers, so that one process
+# starts the stack, or trains the classifiers, once.
 LANES = {
     "tests/worker/test_faults.py": "tests/worker/test_faults.py",
     "tests/worker/test_worker.py": "worker-then-tune",
     "tests/worker/test_tune.py": "worker-then-tune",
-    "tests/cli/test_stack_e2e.py": "tests/cli/test_stack_e2e.py",
+    # the two files that share one `inco up` stack (tests/stack_fixtures.py), the CLI's first
+    "tests/cli/test_stack_e2e.py": "local-stack",
+    "tests/web/test_browser.py": "local-stack",
     "tests/worker/test_cluster.py": "tests/worker/test_cluster.py",
     # one process trains the smoke classifiers these files read (the session fixture smoke_classifiers)
     "tests/inco_core/test_classifier.py": "classifiers",
