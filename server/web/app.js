@@ -6,6 +6,7 @@
 
 const TOKEN_KEY = 'inco.token';
 const POLL_MS = 2000;
+const CURVES_MS = 10000;
 const METHOD_ORDER = ['inco', 'simclr', 'mocov2', 'simsiam', 'supervised'];
 const ACTIVE = new Set(['queued', 'running']);
 const FORMATS = [['onnx', 'ONNX'], ['torchscript', 'TorchScript'], ['pytorch', 'PyTorch']];
@@ -116,31 +117,48 @@ async function api(path, { method = 'GET', json, body, as = 'json', candidate } 
   }
   if (!response.ok) {
     const error = new ApiError(response.status, await errorText(response));
+    error.retryAfter = response.headers.get('Retry-After');
     if (response.status === 401 && candidate === undefined) signOut(`token refused: ${error.message}`);
     throw error;
   }
   return as === 'json' ? response.json() : response;
 }
 
-/** Show the PNG (or SVG) at `path` in `figure`; "no plot yet: ..." when the API has none (404). */
+/**
+ * Show the PNG (or SVG) at `path` in `figure`; "no plot yet: ..." when the API has none (404). A busy
+ * API (429, e.g. another embedding map being computed) is asked again after its Retry-After. An image
+ * already shown stays until the new one has come.
+ */
 async function showPlot(figure, path, caption) {
   const seq = state.seq;
   figure.dataset.src = path;
   figure.dataset.state = 'loading';
   const label = caption ? el('figcaption', { text: caption }) : null;
-  figure.replaceChildren(el('p', { class: 'noplot', text: 'loading plot…' }), label);
-  try {
-    const blob = await (await api(path, { as: 'response' })).blob();
-    if (seq !== state.seq) return;
-    const url = keepUrl(URL.createObjectURL(blob));
-    const img = el('img', { src: url, alt: caption || 'plot' });
-    figure.replaceChildren(el('a', { href: url, target: '_blank', rel: 'noopener', title: 'open full size' }, img), label);
-    figure.dataset.state = 'shown';
-  } catch (err) {
-    if (seq !== state.seq) return;
-    const text = err.status === 404 ? `no plot yet: ${err.message}` : `plot not shown: ${err.readable}`;
-    figure.replaceChildren(el('p', { class: 'noplot', text }), label);
-    figure.dataset.state = 'missing';
+  if (!figure.querySelector('img')) figure.replaceChildren(el('p', { class: 'noplot', text: 'loading plot…' }), label);
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      const blob = await (await api(path, { as: 'response' })).blob();
+      if (seq !== state.seq) return;
+      const url = keepUrl(URL.createObjectURL(blob));
+      const img = el('img', { src: url, alt: caption || 'plot' });
+      const link = el('a', { href: url, target: '_blank', rel: 'noopener', title: 'open full size' }, img);
+      figure.replaceChildren(link, label);
+      figure.dataset.state = 'shown';
+      return;
+    } catch (err) {
+      if (seq !== state.seq) return;
+      if (err.status === 429 && attempt < 20) {
+        const wait = Math.min(30, Number(err.retryAfter) || 5);
+        figure.replaceChildren(el('p', { class: 'noplot', text: `the API is busy drawing; trying again in ${wait} s` }), label);
+        await new Promise((done) => setTimeout(done, wait * 1000));
+        if (seq !== state.seq) return;
+        continue;
+      }
+      const text = err.status === 404 ? `no plot yet: ${err.message}` : `plot not shown: ${err.readable}`;
+      figure.replaceChildren(el('p', { class: 'noplot', text }), label);
+      figure.dataset.state = 'missing';
+      return;
+    }
   }
 }
 
@@ -320,7 +338,8 @@ function renderBoard(rows) {
 async function jobProgress(job) {
   if (job.status === 'succeeded') return { value: 1, max: 1, label: 'done' };
   if (!ACTIVE.has(job.status)) return { value: 0, max: 1, label: job.status };
-  if (job.status === 'queued' || !job.stage) return { value: 0, max: 1, label: 'waiting', stage: job.stage };
+  if (job.status === 'queued') return { value: 0, max: 1, label: 'waiting for a worker' };
+  if (!job.stage) return { value: 0, max: 1, label: 'starting' };
   const metrics = await api(`/v1/jobs/${job.id}/metrics?stage=${encodeURIComponent(job.stage)}`);
   if (!metrics.length) return { value: 0, max: 1, label: 'starting', stage: job.stage };
   const last = metrics.reduce((a, b) => (b.epoch >= a.epoch ? b : a));
@@ -370,13 +389,12 @@ async function refreshJobs(seq) {
     return el('tr', { data: { jobId: job.id, status: job.status } },
       el('td', {}, el('a', { href: `#/jobs/${job.id}`, class: 'mono', title: job.id, text: short(job.id) })),
       el('td', { text: job.kind }),
-      el('td', { text: spec.method || '–' }),
+      el('td', {}, spec.method || '–', el('span', { class: 'hint small', text: ` · ${spec.preset || '?'}` })),
       el('td', { text: (spec.ratios || []).join(', ') }),
-      el('td', { text: spec.preset || '–' }),
       el('td', {}, statusBadge(job.status)),
       el('td', { text: job.stage || '–' }),
       el('td', {}, progressBar(job, progress[i])),
-      el('td', { class: 'nowrap', text: when(job.created_at) }),
+      el('td', { class: 'nowrap', title: when(job.created_at), text: when(job.created_at).slice(0, 16) }),
       el('td', {}, cancel));
   }));
   if (jobs.some((j) => ACTIVE.has(j.status))) schedule(() => refreshJobs(seq), seq);
@@ -434,6 +452,8 @@ async function showJob(id) {
   $('job-tune').hidden = true;
   hide($('job-error'));
   let shownActive = null; // whether the outputs on the page are those of a job still running
+  let lastLabel = null;
+  let curvesAt = 0; // when the curves were last asked for: they follow a running job's epochs
   const tick = async () => {
     let job;
     let logs;
@@ -453,7 +473,14 @@ async function showJob(id) {
     $('job-progress').replaceChildren(progressBar(job, progress, true));
     renderLogs(logs);
     if (job.error) showMessage($('job-error'), job.error);
-    if (shownActive === null || (shownActive && !active)) await renderOutputs(job, seq);
+    if (shownActive === null || (shownActive && !active)) {
+      renderOutputs(job, seq);
+      curvesAt = Date.now();
+    } else if (active && progress.label !== lastLabel && Date.now() - curvesAt > CURVES_MS) {
+      showPlot($('job-curves'), `/v1/jobs/${id}/plots/curves.png`, 'training curves, per epoch');
+      curvesAt = Date.now();
+    }
+    lastLabel = progress.label;
     shownActive = active;
     if (active) schedule(tick, seq);
   };
@@ -506,7 +533,7 @@ function renderLogs(logs) {
 
 async function renderOutputs(job, seq) {
   const base = `/v1/jobs/${job.id}`;
-  showPlot($('job-curves'), `${base}/plots/curves.png`, 'loss, DWV weight and kNN accuracy per epoch');
+  showPlot($('job-curves'), `${base}/plots/curves.png`, 'training curves, per epoch');
   let results = [];
   try {
     results = await api(`${base}/results`);
@@ -524,14 +551,15 @@ async function renderOutputs(job, seq) {
     const query = new URLSearchParams({ ratio: r.ratio, eval: r.eval, seed: String(r.seed) });
     showPlot(figure, `${base}/plots/confusion.png?${query}`, `${r.ratio} · ${r.eval} · seed ${r.seed}`);
   }
+  if (job.kind === 'tune') renderTrials(job, seq);
   const embeddings = $('job-embeddings');
-  embeddings.replaceChildren();
-  for (const seed of (job.spec && job.spec.seeds) || [0]) {
-    const figure = el('figure', { class: 'plot', data: { seed: String(seed) } });
-    embeddings.append(figure);
-    showPlot(figure, `${base}/plots/embedding.png?seed=${seed}`, `test images by the backbone of seed ${seed}`);
+  const seeds = (job.spec && job.spec.seeds) || [0];
+  const figures = seeds.map((seed) => el('figure', { class: 'plot', data: { seed: String(seed) } }));
+  embeddings.replaceChildren(...figures);
+  for (const [i, seed] of seeds.entries()) { // one after another: the API computes one map at a time
+    await showPlot(figures[i], `${base}/plots/embedding.png?seed=${seed}`, `test images by the backbone of seed ${seed}`);
+    if (seq !== state.seq) return;
   }
-  if (job.kind === 'tune') await renderTrials(job, seq);
 }
 
 function renderResults(results) {
@@ -708,7 +736,7 @@ function renderPredictions(answer, files) {
       el('td', {}, el('progress', { max: 1, value: prob })),
       el('td', { class: 'num', text: `${(prob * 100).toFixed(1)} %` })));
     const verdict = p.needs_review
-      ? el('p', { class: 'review', text: `needs review: could be ${p.prediction_set.join(' or ')}` })
+      ? el('p', { class: 'review', text: `needs review: could be ${p.prediction_set.join(', ')}` })
       : el('p', { class: 'sure', text: 'sure at this level' });
     return el('article', { class: 'prediction', data: { file: p.file } },
       thumb,
