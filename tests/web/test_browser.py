@@ -290,6 +290,14 @@ def test_predict_shows_each_image_with_its_class_and_probabilities(
     until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#models-table tbody tr")) == len(models), 10)
     model = models[-1]  # the oldest: the CLI's smoke job's, or the form's when this file runs alone
     Select(browser.find_element(By.ID, "predict-model")).select_by_value(str(model["id"]))
+    browser.execute_script(  # a file dropped on the drop zone joins the list; its x leaves it out
+        "const data = new DataTransfer(); data.items.add(new File(['x'], 'dropped.png', {type: 'image/png'}));"
+        "document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));"
+    )
+    chosen = until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chosen li"), 5, "the dropped file")
+    assert chosen[0].text.startswith("dropped.png (1 KiB)")
+    chosen[0].find_element(By.TAG_NAME, "button").click()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#chosen li")
     files = [neu_path / "crazing" / "crazing_1.jpg", neu_path / "scratches" / "scratches_1.jpg"]
     browser.find_element(By.ID, "predict-files").send_keys("\n".join(str(f) for f in files))
     assert [e.text.split(" (")[0] for e in browser.find_elements(By.CSS_SELECTOR, "#chosen li span")] == [
@@ -315,6 +323,17 @@ def test_predict_shows_each_image_with_its_class_and_probabilities(
         until(browser, lambda d, img=img: d.execute_script("return arguments[0].naturalWidth", img) > 0, 10)
         assert img.get_attribute("src").startswith("blob:")
     screenshot(browser, shots / "models.png", whole_page=True)
+
+
+def test_a_model_downloads_under_the_name_the_api_gives(browser: WebDriver, api: httpx.Client, tmp_path: Path) -> None:
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    model = api.get("/v1/models").json()[-1]
+    row = browser.find_element(By.CSS_SELECTOR, f"#models-table tr[data-model-id='{model['id']}']")
+    row.find_element(By.XPATH, ".//button[text()='PyTorch']").click()
+    expected = api.get(f"/v1/models/{model['id']}/file", params={"format": "pytorch"})
+    name = expected.headers["content-disposition"].split("filename=")[1].strip('"')
+    until(browser, lambda d: (tmp_path / name).is_file() and not list(tmp_path.glob("*.crdownload")), 30, name)
+    assert (tmp_path / name).read_bytes() == expected.content
 
 
 def test_a_data_set_name_with_markup_is_shown_as_text(
