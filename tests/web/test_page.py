@@ -15,8 +15,6 @@ from server.api.security import API_CSP, WEB_CSP
 from server.settings import Settings
 from server.web import ASSETS, FOLDER
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
