@@ -60,3 +60,16 @@ def test_the_page_has_no_inline_code_and_loads_nothing_from_elsewhere() -> None:
 def test_the_page_is_left_out_of_the_openapi_document(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert "/" not in paths and not any(p.startswith("/web") for p in paths)
+
+
+def test_an_installed_package_carries_the_page_files() -> None:
+    """``pip install .`` (the Docker image) ships only what pyproject's package data names: every file
+    the page serves must match one of its patterns, or the installed API answers 500 at /."""
+    import fnmatch
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["server.web"]
+    for name in ["index.html", *ASSETS]:
+        assert (FOLDER / name).is_file(), name
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{name} is not in [tool.setuptools.package-data]"
