@@ -160,10 +160,9 @@ class ApiClient:
         ``timeout_s`` replaces the client's timeout for this request; a 429 (busy) answer is retried for up
         to ``busy_wait_s`` seconds, waiting what its Retry-After header says."""
         params = {k: v for k, v in (params or {}).items() if v is not None}
-        timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + busy_wait_s
         while True:
-            response = self._send(method, path, params, body, content, content_type, files, timeout)
+            response = self._send(method, path, params, body, content, content_type, files, timeout_s)
             left = deadline - time.monotonic()
             if response.status_code != 429 or left <= 0:
                 break
@@ -191,28 +190,26 @@ class ApiClient:
         content: IO[bytes] | None,
         content_type: str | None,
         files: list[tuple[str, tuple[str, bytes, str]]] | None,
-        timeout: float,
+        timeout_s: float | None,
     ) -> httpx.Response:
+        # the client's own timeout unless this request has one (a per-request timeout only when given:
+        # Starlette's TestClient, which the tests put in place of the client, warns at any)
+        extra: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
         try:
             if content is not None:
                 return self.http.request(
-                    method,
-                    path,
-                    params=params,
-                    content=content,
-                    headers={"Content-Type": str(content_type)},
-                    timeout=timeout,
+                    method, path, params=params, content=content, headers={"Content-Type": str(content_type)}, **extra
                 )
             if files is not None:
-                return self.http.request(method, path, params=params, files=files, timeout=timeout)
-            return self.http.request(method, path, params=params, json=body, timeout=timeout)
+                return self.http.request(method, path, params=params, files=files, **extra)
+            return self.http.request(method, path, params=params, json=body, **extra)
         except httpx.ConnectError:
             raise ClientError(
                 f"cannot reach the InCo API at {self.base_url}: start it with `inco up` or set INCO_API_URL"
             ) from None
         except httpx.TimeoutException:
             raise ClientError(
-                f"the InCo API at {self.base_url} did not answer within {timeout:.0f} s: "
+                f"the InCo API at {self.base_url} did not answer within {timeout_s or self.timeout_s:.0f} s: "
                 "check that it runs (`inco up`) or set INCO_API_URL"
             ) from None
         except httpx.HTTPError as exc:
