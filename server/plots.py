@@ -191,7 +191,7 @@ def training_curves(metrics: Sequence[Mapping[str, Any]], *, title: str = "Train
             ax.plot(epochs, values, color=palette[stage], marker="o" if len(points) <= 30 else None, ms=3, label=stage)
         ax.set_title(METRIC_LABELS.get(key, key), fontsize=10)
         ax.set_xlabel("epoch", fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: tick 1, not 0.95..1.05
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in axes[len(keys) :]:

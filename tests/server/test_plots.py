@@ -121,6 +121,8 @@ def test_curves_draw_each_stage_s_values_per_epoch_in_a_panel_per_key() -> None:
     assert bid.get_label() == "pretrain" and list(bid.get_ydata()) == [2.5, 1.5]
     (custom,) = panels["custom"].lines
     assert list(custom.get_xdata()) == [2] and list(custom.get_ydata()) == [7.0]
+    lo, hi = panels["custom"].get_xlim()  # one epoch: whole epochs on the axis, not 1.95 ... 2.05
+    assert [t for t in panels["custom"].get_xticks() if lo <= t <= hi] == [2]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pretrain", "finetune 1:16"]
     assert fig.get_suptitle() == "job x"
 
