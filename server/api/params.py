@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from fastapi import Path, Query
 
-from inco_core.config import METHODS
+from inco_core.config import METHODS, PresetName
 from server.store.models import NAME_PATTERN
 
 INT32_MAX = 2**31 - 1
@@ -51,6 +51,8 @@ MethodFilter = Annotated[str | None, Query(max_length=32, description=f"one of {
 RatioFilter = Annotated[str | None, Query(max_length=32, description="a label ratio, e.g. `1:16`")]
 """Written the one way the store keeps it by :func:`normal_ratio`."""
 EvalFilter = Literal["finetune", "linear"] | None
+PresetFilter = PresetName | None
+"""The presets of :mod:`inco_core.config`."""
 
 
 def checked_method(method: str | None) -> str | None:

@@ -25,6 +25,7 @@ from server.api.params import (
     EvalFilter,
     JobIdPath,
     MethodFilter,
+    PresetFilter,
     RatioFilter,
     checked_method,
     normal_ratio,
@@ -93,7 +94,7 @@ def figure4(
     method: MethodFilter = None,
     ratio: RatioFilter = None,
     eval: EvalFilter = None,
-    preset: Literal["paper", "cpu", "smoke"] | None = None,
+    preset: PresetFilter = None,
     dataset: DatasetFilter = None,
 ) -> Response:
     """Figure 4 of the paper from the rows ``GET /v1/results`` answers with the same filters: test accuracy

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter
 
 from server.api.deps import SessionDep, TeamDep
 from server.api.errors import AUTH, INVALID
-from server.api.params import DatasetFilter, EvalFilter, MethodFilter, RatioFilter, checked_method, normal_ratio
+from server.api.params import (
+    DatasetFilter,
+    EvalFilter,
+    MethodFilter,
+    PresetFilter,
+    RatioFilter,
+    checked_method,
+    normal_ratio,
+)
 from server.store import access
 from server.store.models import LeaderboardRow
 
@@ -22,7 +28,7 @@ def leaderboard(
     method: MethodFilter = None,
     ratio: RatioFilter = None,
     eval: EvalFilter = None,
-    preset: Literal["paper", "cpu", "smoke"] | None = None,
+    preset: PresetFilter = None,
     dataset: DatasetFilter = None,
 ) -> list[LeaderboardRow]:
     """Mean, sample standard deviation and count of test accuracy over seeds, per data set, preset,
