@@ -57,5 +57,15 @@ class Classifier(nn.Module):
 
 @torch.no_grad()
 def embed(backbone: nn.Module, x: Tensor) -> Tensor:
-    """Eval-mode embeddings without gradients: [B, C, H, W] -> [B, 512]."""
-    return backbone(x)
+    """Eval-mode embeddings without gradients: [B, C, H, W] -> [B, 512].
+
+    The backbone runs in eval mode (batch norm uses, and leaves alone, its running statistics)
+    whatever mode the caller left it in; each module's mode is restored afterwards.
+    """
+    modes = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    try:
+        return backbone(x)
+    finally:
+        for module, training in modes:
+            module.training = training
