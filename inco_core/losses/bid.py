@@ -18,6 +18,7 @@ def bid_labels(batch_len: int, views: int, *, offset: int = 0, device: torch.dev
 def bid_loss(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Cross-entropy of instance logits divided by the temperature T.
 
-    logits: [V * B, n] from FC(512 -> n); labels: [V * B] int64 in [0, n). Returns a scalar.
+    logits: [V * B, n] from FC(512 -> n); labels: [V * B] int64 in [0, n). Returns a float32
+    scalar, computed in float32 whatever the logits' dtype.
     """
-    return F.cross_entropy(logits / temperature, labels)
+    return F.cross_entropy(logits.float() / temperature, labels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from inco_core.config import PretrainConfig
@@ -35,10 +36,14 @@ class InCo(PretrainMethod):
 
     def step(self, views: Tensor, ctx: StepContext) -> StepOutput:
         k = self.num_views
-        z = self.backbone(views)  # [K * B, 512]
+        z = self.backbone(views)  # [K * B, 512], bf16 under CUDA autocast
         labels = ctx.labels.repeat(k)  # view v of image j -> label of image j
-        l_ce = bid_loss(self.fc(z), labels, self.params.temperature)
-        l_dwv = dwv_loss(z.float().view(k, -1, z.shape[-1]), self.params.dwv_reduction)
+        # both losses in float32 from the embedding on: the BID logits too (autocast would run FC in
+        # bf16), and DWV, whose view deviations near collapse are below bf16's resolution
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            l_ce = bid_loss(self.fc(z), labels, self.params.temperature)
+            l_dwv = dwv_loss(z.view(k, -1, z.shape[-1]), self.params.dwv_reduction)
         w = self.weight(ctx.epoch)
         loss = l_ce + w * l_dwv
         return StepOutput(

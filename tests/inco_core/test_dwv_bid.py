@@ -124,3 +124,27 @@ def test_inco_step_logs_weight_and_uses_views_k() -> None:
     out = method.step(torch.randn(12, 1, 32, 32), StepContext(4.0, torch.arange(4), 4))
     assert out.logs["dwv_weight"] == pytest.approx(0.5)
     assert out.loss.item() == pytest.approx(out.logs["bid"] + 0.5 * out.logs["dwv"], rel=1e-5)
+
+
+def test_dwv_is_computed_in_float32_from_bf16_embeddings() -> None:
+    # near collapse: the K views of an image differ by ~1e-3 of their size, about bf16's resolution
+    gen = torch.Generator().manual_seed(0)
+    centre = 1.0 + torch.rand(1, 8, 64, generator=gen)
+    z = (centre + 1e-3 * torch.randn(5, 8, 64, generator=gen)).to(torch.bfloat16)
+    for reduction in ("mean", "sum"):
+        got = dwv_loss(z, reduction)
+        assert got.dtype == torch.float32
+        # the same bf16 values, cast to float32 first, computed in float32
+        assert got.item() == pytest.approx(dwv_loss(z.float(), reduction).item(), rel=1e-6)
+
+
+def test_inco_losses_run_in_float32_under_bf16_autocast() -> None:
+    cfg = PretrainConfig(epochs=10, batch_size=4, inco={"views": 2})
+    method = build_method("inco", cfg)
+    seen: list[torch.dtype] = []
+    method.fc.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    ctx = StepContext(epoch=0.0, labels=torch.arange(4), batch_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what CUDA's autocast does, on the CPU
+        out = method.step(torch.randn(2 * 4, 1, 32, 32), ctx)
+    assert seen == [torch.float32]  # the BID logits
+    assert out.loss.dtype == torch.float32
