@@ -187,17 +187,48 @@ class PretrainConfig(StrictModel):
     simsiam: SimSiamConfig = SimSiamConfig()
 
 
-class EvalConfig(StrictModel):
-    """Fine-tuning (whole network) or linear evaluation (frozen backbone) on the labelled subset."""
+class _EvalBase(StrictModel):
+    """What every evaluation on the labelled subset trains with."""
 
     epochs: int = Field(ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(64, ge=2, le=8192)
     optim: OptimConfig = OptimConfig(lr=0.03, weight_decay=5e-4)
-    backbone_lr_scale: float = Field(0.1, ge=0, le=10, description="fine-tune: backbone lr = head lr x this")
+
+
+class FinetuneConfig(_EvalBase):
+    """Fine-tuning: the whole network (backbone + new linear head) trained on the labelled subset."""
+
+    backbone_lr_scale: float = Field(0.1, ge=0, le=10, description="backbone lr = head lr x this")
     augment: AugmentConfig | None = Field(
         AugmentConfig(crop_scale=(0.5, 1.0)),
         description="fine-tune on augmented views of the labelled images; null for none",
     )
+
+
+# fine-tuning's fields that linear evaluation refuses, and why
+FINETUNE_ONLY = {
+    "augment": "no image is augmented",
+    "backbone_lr_scale": "the backbone has no learning rate",
+}
+
+
+class LinearConfig(_EvalBase):
+    """Linear evaluation: a linear classifier trained on the frozen backbone's features, computed
+    once. Fine-tuning's ``augment`` and ``backbone_lr_scale`` do not apply and are refused, so an
+    override of them never passes silently."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_finetune_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, why in FINETUNE_ONLY.items():
+                if name in data:
+                    raise ValueError(
+                        f"linear.{name} does not apply: linear evaluation trains only a linear classifier, on "
+                        f"features of the frozen backbone computed once, so {why}; set finetune.{name} for "
+                        "fine-tuning"
+                    )
+        return data
 
 
 class TrainingConfig(StrictModel):
@@ -205,8 +236,8 @@ class TrainingConfig(StrictModel):
 
     image_size: int = Field(ge=16, le=1024)
     pretrain: PretrainConfig
-    finetune: EvalConfig
-    linear: EvalConfig
+    finetune: FinetuneConfig
+    linear: LinearConfig
 
 
 def preset_config(name: str) -> TrainingConfig:
@@ -215,22 +246,22 @@ def preset_config(name: str) -> TrainingConfig:
         return TrainingConfig(
             image_size=200,
             pretrain=PretrainConfig(epochs=200),
-            finetune=EvalConfig(epochs=200),
-            linear=EvalConfig(epochs=200),
+            finetune=FinetuneConfig(epochs=200),
+            linear=LinearConfig(epochs=200),
         )
     if name == "cpu":
         return TrainingConfig(
             image_size=64,
             pretrain=PretrainConfig(epochs=30),
-            finetune=EvalConfig(epochs=50),
-            linear=EvalConfig(epochs=100),
+            finetune=FinetuneConfig(epochs=50),
+            linear=LinearConfig(epochs=100),
         )
     if name == "smoke":
         return TrainingConfig(
             image_size=32,
             pretrain=PretrainConfig(epochs=1, max_images=256, knn_every=1),
-            finetune=EvalConfig(epochs=2),
-            linear=EvalConfig(epochs=2),
+            finetune=FinetuneConfig(epochs=2),
+            linear=LinearConfig(epochs=2),
         )
     raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
 
@@ -381,6 +412,12 @@ class RunSpec(StrictModel):
             self.resolve()  # overrides must produce a valid config
         except ConfigError as exc:  # a field error of the spec, so a caller's model names where it is
             raise ValueError(str(exc)) from None
+        finetune = _expand_dotted(self.overrides).get("finetune")
+        if self.method == "supervised" and isinstance(finetune, dict) and "backbone_lr_scale" in finetune:
+            raise ValueError(
+                "finetune.backbone_lr_scale does not apply to supervised: it trains from scratch, with no "
+                "pretrained backbone to slow down, so the backbone learns at the head's rate; drop the override"
+            )
         return self
 
     def resolve(self) -> TrainingConfig:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from inco_core.augment import augment_views, to_input
-from inco_core.config import EvalConfig, PretrainConfig
+from inco_core.config import FinetuneConfig, LinearConfig, PretrainConfig
 from inco_core.device import autocast, prepare_input, prepare_model
 from inco_core.models import Backbone, Classifier
 from inco_core.progress import EpochLog, NullReporter, Reporter
@@ -137,7 +137,7 @@ def _minibatches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
 def finetune(
     backbone: Backbone,
     data: EvalData,
-    cfg: EvalConfig,
+    cfg: FinetuneConfig,
     *,
     seed: int,
     device: torch.device,
@@ -195,7 +195,7 @@ def finetune(
 def linear_eval(
     backbone: Backbone,
     data: EvalData,
-    cfg: EvalConfig,
+    cfg: LinearConfig,
     *,
     seed: int,
     device: torch.device,

@@ -60,3 +60,31 @@ def test_parse_ratio() -> None:
     for bad in ("32", "2:3", "1:", "1:x", "1:-4"):
         with pytest.raises(ConfigError):
             parse_ratio(bad)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("augment", None, "no image is augmented"),
+        ("backbone_lr_scale", 1.0, "the backbone has no learning rate"),
+    ],
+)
+def test_linear_evaluation_refuses_fine_tuning_fields(field: str, value: object, why: str) -> None:
+    for overrides in ({f"linear.{field}": value}, {"linear": {field: value}}):
+        with pytest.raises(ConfigError, match=rf"linear\.{field} does not apply: .*{why}.*set finetune\.{field}"):
+            load_spec({**BASE, "evals": ["linear"], "overrides": overrides})
+    assert load_spec({**BASE, "overrides": {f"finetune.{field}": value}}).resolve()  # fine-tuning takes it
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu", "smoke"])
+def test_every_preset_validates_with_both_evaluations(preset: str) -> None:
+    cfg = load_spec({**BASE, "preset": preset, "evals": ["finetune", "linear"]}).resolve()
+    assert cfg == preset_config(preset)
+    assert "augment" not in cfg.linear.model_dump() and "backbone_lr_scale" not in cfg.linear.model_dump()
+    assert type(cfg).model_validate(cfg.model_dump(mode="json")) == cfg  # a stored config reads back
+
+
+def test_supervised_refuses_a_backbone_learning_rate_scale() -> None:
+    with pytest.raises(ConfigError, match=r"finetune\.backbone_lr_scale does not apply to supervised"):
+        load_spec({**BASE, "method": "supervised", "overrides": {"finetune": {"backbone_lr_scale": 0.5}}})
+    assert load_spec({**BASE, "method": "inco", "overrides": {"finetune.backbone_lr_scale": 0.5}}).resolve()
