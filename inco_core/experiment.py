@@ -6,6 +6,8 @@ This is what ``inco run`` calls in-process and what the worker calls inside Ray 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -77,9 +79,57 @@ class PretrainInfo:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+# The inco_core sources that shape a pretrained backbone's weights, relative to the package (a
+# folder stands for every .py file under it). A change to any of them is a new backbone; a change
+# elsewhere (docs, the service, evaluation, result files) keeps the stored backbones.
+#   losses/, methods/   the losses, heads and steps of every method
+#   train.py            loop, batch partition, optimiser and schedule
+#   augment.py          the views every method trains on
+#   models.py           the backbone and heads
+#   distributed.py      gradient averaging and gathers of data-parallel runs
+#   device.py           bf16 autocast and memory layout on CUDA
+#   config.py           defaults computed in code, not in the stored config (e.g. the T1, T2 ramp)
+#   data.py             decoding and resizing: the pixels (the fingerprint covers the files only)
+# Left out: experiment.py and splits.py choose the images and the seed, which the key holds itself.
+PRETRAIN_SOURCES: tuple[str, ...] = (
+    "losses",
+    "methods",
+    "train.py",
+    "augment.py",
+    "models.py",
+    "distributed.py",
+    "device.py",
+    "config.py",
+    "data.py",
+)
+
+
+def pretrain_source_files() -> list[Path]:
+    """The files of :data:`PRETRAIN_SOURCES`, sorted by their path in the package."""
+    root = Path(__file__).resolve().parent
+    files: list[Path] = []
+    for name in PRETRAIN_SOURCES:
+        path = root / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+@functools.cache
+def pretrain_code_hash() -> str:
+    """SHA-256 over the path and contents of every :func:`pretrain_source_files` file: the version
+    of the code that trains a backbone, independent of git and of changes elsewhere."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in pretrain_source_files():
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def pretrain_key(method: str, cfg: TrainingConfig, fingerprint: str, indices: Tensor, seed: int) -> str:
     """Identity of a pretrained backbone: method, the pretrain config that shapes the weights,
-    input size, data fingerprint, the images it saw and the seed."""
+    input size, data fingerprint, the images it saw, the seed and the version of the code that
+    trains it (:func:`pretrain_code_hash`)."""
     relevant = cfg.pretrain.model_dump()
     for other in METHODS:
         if other != method:
@@ -94,6 +144,7 @@ def pretrain_key(method: str, cfg: TrainingConfig, fingerprint: str, indices: Te
             "data": fingerprint,
             "images": config_hash(indices.tolist()),
             "seed": seed,
+            "code": pretrain_code_hash(),
         }
     )
 

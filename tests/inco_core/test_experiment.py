@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inco_core.config import load_spec
+from inco_core.config import load_spec, preset_config
 from inco_core.errors import CheckpointError, ConfigError
 from inco_core.experiment import Experiment, FolderBackboneStore
 from inco_core.progress import RecordingReporter
@@ -141,3 +141,27 @@ def test_stage_names_carry_the_seed_when_there_are_several(neu_path: Path, tmp_p
     exp = Experiment(_spec(neu_path, seeds=[0, 1]), run_dir=tmp_path)
     assert exp._stage("pretrain", 1) == "pretrain seed 1"
     assert Experiment(_spec(neu_path), run_dir=tmp_path)._stage("pretrain", 0) == "pretrain"
+
+
+def test_pretrain_key_changes_with_the_training_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inco_core import experiment
+
+    cfg, indices = preset_config("smoke"), torch.arange(20)
+    key = experiment.pretrain_key("inco", cfg, "fingerprint", indices, 0)
+    assert experiment.pretrain_key("inco", cfg, "fingerprint", indices, 0) == key  # stable
+    monkeypatch.setattr(experiment, "pretrain_code_hash", lambda: "0" * 64, raising=False)
+    assert experiment.pretrain_key("inco", cfg, "fingerprint", indices, 0) != key  # older code: another backbone
+
+
+def test_the_code_hash_covers_every_loss_and_method_file() -> None:
+    import inco_core
+    from inco_core.experiment import pretrain_code_hash, pretrain_source_files
+
+    root = Path(inco_core.__file__).resolve().parent
+    covered = set(pretrain_source_files())
+    for folder in ("losses", "methods"):
+        files = sorted((root / folder).rglob("*.py"))
+        assert files and not [f for f in files if f not in covered]
+    assert {root / "train.py", root / "augment.py", root / "models.py"} <= covered
+    assert root / "experiment.py" not in covered  # result files and the like keep the stored backbones
+    assert len(pretrain_code_hash()) == 64 and pretrain_code_hash() == pretrain_code_hash()
