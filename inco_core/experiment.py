@@ -30,7 +30,7 @@ from inco_core.evaluate import EvalData, KnnMonitor, Metrics, finetune, linear_e
 from inco_core.methods import build_method, method_class
 from inco_core.models import Backbone
 from inco_core.progress import Reporter
-from inco_core.splits import Split, labelled_subsets, stratified_split
+from inco_core.splits import Split, indices_sha256, labelled_subsets, split_record, stratified_split
 from inco_core.train import pretrain
 
 MAX_CALIBRATION = 2000  # labelled images held out from fine-tuning that calibrate a classifier's sets
@@ -66,6 +66,7 @@ class ResultRow:
     wall_time_s: float
     pretrain_key: str | None = None
     checkpoint: str | None = None
+    labelled_sha256: str | None = None  # of the labelled images' indices (inco_core.splits.indices_sha256)
 
 
 @dataclass
@@ -496,6 +497,7 @@ class Experiment:
                             wall_time_s=time.perf_counter() - t0,
                             pretrain_key=info.key if info else None,
                             checkpoint=ckpt,
+                            labelled_sha256=indices_sha256(subsets[ratio]),
                         )
                     )
         result = {
@@ -510,6 +512,11 @@ class Experiment:
                 "classes": ds.classes,
                 "train_images": len(split.train),
                 "test_images": len(split.test),
+            },
+            "split": {
+                "seed": self.spec.data.split_seed,
+                "train_fraction": self.spec.data.train_fraction,
+                **split_record(split),
             },
             "code_version": code_version(),
             "hardware": hardware(self.device),

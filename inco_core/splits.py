@@ -6,6 +6,7 @@ train/test split, so no test image is also a training image.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -55,6 +56,26 @@ def stratified_split(
             else:
                 test += group
     return Split(torch.tensor(sorted(train)), torch.tensor(sorted(test)))
+
+
+def indices_sha256(indices: Tensor) -> str:
+    """SHA-256 (hex) of a set of image indices: the sorted indices as little-endian int64 bytes.
+
+    Recorded in ``result.json`` so that a run's split and labelled subsets can be audited and
+    reproduced: ``hashlib.sha256(np.sort(idx).astype("<i8").tobytes()).hexdigest()`` elsewhere.
+    """
+    values = torch.sort(torch.as_tensor(indices, dtype=torch.int64).flatten()).values
+    return hashlib.sha256(values.numpy().astype("<i8").tobytes()).hexdigest()
+
+
+def split_record(split: Split) -> dict[str, int | str]:
+    """What ``result.json`` records of a split: the hashes and sizes of its two sides."""
+    return {
+        "train_sha256": indices_sha256(split.train),
+        "test_sha256": indices_sha256(split.test),
+        "n_train": len(split.train),
+        "n_test": len(split.test),
+    }
 
 
 def labelled_count(n_train: int, ratio: int) -> int:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from inco_core.data import ImageSet, load_images, scan
 from inco_core.errors import DataError, ImageDecodeError
-from inco_core.splits import labelled_subsets, stratified_split
+from inco_core.splits import indices_sha256, labelled_subsets, split_record, stratified_split
 
 RATIOS = [32, 16, 8, 4, 2]
 
@@ -149,3 +151,16 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path: Path) -> None:
     assert changed.fingerprint != first.fingerprint
     assert not torch.equal(changed.images, first.images)
     assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_indices_sha256_is_the_hash_of_the_sorted_int64_indices(neu32: ImageSet) -> None:
+    split = stratified_split(neu32.labels, neu32.file_hashes, neu32.classes, train_fraction=0.6, seed=0)
+    expected = hashlib.sha256(np.sort(split.test.numpy()).astype("<i8").tobytes()).hexdigest()
+    assert indices_sha256(split.test) == expected
+    assert indices_sha256(split.test.flip(0)) == expected  # a set: the order does not count
+    assert split_record(split) == {
+        "train_sha256": indices_sha256(split.train),
+        "test_sha256": expected,
+        "n_train": 1080,
+        "n_test": 720,
+    }

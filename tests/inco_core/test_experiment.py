@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,12 @@ from inco_core.config import load_spec, preset_config
 from inco_core.errors import CheckpointError, ConfigError
 from inco_core.experiment import Experiment, FolderBackboneStore
 from inco_core.progress import RecordingReporter
+from inco_core.splits import labelled_subsets
+
+
+def _sha256(indices: torch.Tensor) -> str:
+    """The documented recipe: SHA-256 of the sorted indices as little-endian int64."""
+    return hashlib.sha256(np.sort(indices.numpy()).astype("<i8").tobytes()).hexdigest()
 
 
 def _spec(neu_path: Path, **kw) -> object:
@@ -47,6 +55,18 @@ def test_inco_smoke_experiment_and_backbone_reuse(neu_path: Path, tmp_path: Path
     assert "knn" in reporter.epochs[0].metrics
     on_disk = json.loads((tmp_path / "run1" / "result.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(rows))
+    # the split and each labelled subset are recorded by hash: recomputed here for the same seeds
+    ds, split = Experiment(spec, run_dir=tmp_path / "load", cache_dir=tmp_path / "cache").load()
+    subsets = labelled_subsets(ds.labels, split.train, ds.classes, [32, 8], seed=0)
+    assert on_disk["split"] == {
+        "seed": 0,
+        "train_fraction": 0.6,
+        "train_sha256": _sha256(split.train),
+        "test_sha256": _sha256(split.test),
+        "n_train": 1080,
+        "n_test": 720,
+    }
+    assert [r["labelled_sha256"] for r in on_disk["results"]] == [_sha256(subsets[32])] * 2 + [_sha256(subsets[8])] * 2
     assert on_disk["data"]["fingerprint"] and on_disk["code_version"]
     ckpt = torch.load(Path(result["pretraining"][0]["checkpoint"]), weights_only=True)
     assert ckpt["config"]["pretrain"]["epochs"] == 1 and ckpt["data_fingerprint"] == on_disk["data"]["fingerprint"]
