@@ -160,7 +160,7 @@ def pretrain(
             # global batch makes that average the gradient of the global batch's mean loss
             share = len(positions) * world_size / len(batch)
             views = augment_views(images[positions.to(images.device)].to(device), method.num_views, cfg.augment, gen)
-            ctx = StepContext(epoch + step / steps_per_epoch, labels.to(device), cfg.batch_size)
+            ctx = StepContext(epoch + step / steps_per_epoch, labels.to(device), cfg.batch_size, positions.to(device))
             with autocast(device):
                 out = method.step(prepare_input(views, device), ctx)
             if not torch.isfinite(out.loss):

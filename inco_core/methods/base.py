@@ -26,11 +26,14 @@ class StepContext:
     labels: [B_local] int64, the BID instance labels of this rank's images: their global positions
             in the (fixed) global batch.
     batch_size: n, the global batch size the run was configured with.
+    images: [B_local] int64, which images of the pretraining set these are (stable across epochs),
+            or None when unknown; MoCo v2 keeps an image's own older keys out of its negatives.
     """
 
     epoch: float
     labels: Tensor
     batch_size: int
+    images: Tensor | None = None
 
 
 @dataclass

@@ -176,3 +176,51 @@ def test_moco_shuffled_keys_come_back_in_order() -> None:
     with torch.no_grad():
         direct = F.normalize(method.projector_k(method.backbone_k(views)), dim=1)
     torch.testing.assert_close(method.keys(views), direct, rtol=1e-4, atol=1e-5)
+
+
+def test_moco_keeps_a_querys_own_older_keys_out_of_its_negatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inco_core.methods import mocov2 as moco_module
+
+    method = _method("mocov2", _cfg(queue_size=2 * B))
+    first = torch.arange(100, 100 + B)  # the images of the first step (positions in the pretraining set)
+    method.step(_views(0), StepContext(0.0, torch.arange(B), B, images=first))
+    older = dict(zip(first.tolist(), method.queue[:B].clone(), strict=True))  # image -> its key in the queue
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    real = moco_module.info_nce
+
+    def spy(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float, **kw: torch.Tensor) -> torch.Tensor:
+        seen.append((queue, kw.get("exclude")))
+        return real(q, k, queue, t, **kw)
+
+    monkeypatch.setattr(moco_module, "info_nce", spy)
+    second = torch.cat([first[: B // 2], torch.arange(200, 200 + B // 2)])  # half of them again
+    method.step(_views(1), StepContext(0.0, torch.arange(B), B, images=second))
+    assert len(seen) == 2  # both directions of the symmetric loss
+    for queue, exclude in seen:
+        for i, image in enumerate(second.tolist()):
+            negatives = queue if exclude is None else queue[~exclude[i]]
+            if image in older:
+                assert not any(torch.equal(n, older[image]) for n in negatives), f"image {image}'s own key"
+                assert len(negatives) == 2 * B - 1  # only that one key is left out
+            else:
+                assert len(negatives) == 2 * B
+
+
+def test_the_pretraining_loop_tells_the_method_which_images_it_sees() -> None:
+    from inco_core.train import pretrain
+
+    method = _method("mocov2", PretrainConfig(epochs=2, batch_size=4, mocov2=MoCoConfig(queue_size=16)))
+    seen: list[list[int]] = []
+    real_step = method.step
+
+    def spy(views: torch.Tensor, ctx: StepContext) -> object:
+        assert ctx.images is not None
+        seen.append(ctx.images.tolist())
+        return real_step(views, ctx)
+
+    method.step = spy  # type: ignore[method-assign]
+    images = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    pretrain(method, images, method.cfg, seed=0, device=torch.device("cpu"))
+    assert len(seen) == 4  # 2 epochs of 2 batches
+    first, second = (sorted(i for batch in epoch for i in batch) for epoch in (seen[:2], seen[2:]))
+    assert first == second == list(range(8))  # positions in the pretraining set, every epoch
