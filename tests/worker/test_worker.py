@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.stack import descendants
 from server.store import access
 from server.store.db import make_engine, session_scope
 from tests.chaos import pids_running
@@ -129,13 +130,23 @@ def test_a_job_larger_than_the_cluster_fails_at_once(service: Service) -> None:
     assert job["status"] == "failed" and "asks for 1 GPU(s) but the Ray cluster has 0" in job["error"]
 
 
-def test_a_crashed_worker_group_restarts_from_the_last_checkpoint(service: Service) -> None:
+def _ray_processes_of(address: str) -> set[int]:
+    """Every process under the local Ray head that listens at ``address`` (host:port)."""
+    flag = f"--port={address.rsplit(':', 1)[1]}".encode()
+    heads = [pid for pid in pids_running("--head") if flag in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    assert len(heads) == 1, f"{len(heads)} Ray heads at {address}"
+    return set(descendants(heads[0]))
+
+
+def test_a_crashed_worker_group_restarts_from_the_last_checkpoint(service: Service, local_ray: dict[str, str]) -> None:
     """kill -9 of the Ray Train worker mid-pretraining: the same attempt starts a new worker group,
     which resumes from the last epoch checkpoint; every epoch is stored once."""
     spec = {**SMOKE["spec"], "method": "simsiam", "overrides": {"pretrain.epochs": 12, "pretrain.max_images": 96}}
     job_id = service.submit({"spec": spec})
     service.wait_for_epochs(job_id, 2)
-    victims = pids_running("RayTrainWorker")
+    # only this service's: the fault tests, in the other test process, train on Ray heads of their own
+    ours = _ray_processes_of(local_ray["RAY_ADDRESS"])
+    victims = [pid for pid in pids_running("RayTrainWorker") if pid in ours]
     assert victims, "no Ray Train worker process found"
     # a training run on a head `inco worker` starts has no Ray Datasets manager, no preemption watcher and
     # no placement-group cleaner (that the head runs no dashboard: tests/worker/test_local_ray.py)
