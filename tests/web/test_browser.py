@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
@@ -107,7 +107,9 @@ def screenshot(driver: WebDriver, path: Path, *, whole_page: bool = False) -> No
 
 
 def until(driver: WebDriver, check: Callable[[WebDriver], Any], timeout: float = 30, what: str = "") -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(check, message=what)
+    # an element the page re-rendered while the check read it is stale: the check is simply asked again
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(check, message=what)
 
 
 def visible(driver: WebDriver, css: str) -> WebElement | None:
@@ -350,11 +352,15 @@ def test_a_data_set_name_with_markup_is_shown_as_text(
         engine.dispose()
 
     go(browser, "#/jobs")
-    select = until(browser, lambda d: visible(d, "#submit-dataset"), 10)
-    until(browser, lambda d: MARKUP in [o.get_attribute("value") for o in Select(select).options], 10, "the new name")
-    option = next(o for o in Select(select).options if o.get_attribute("value") == MARKUP)
+    until(browser, lambda d: visible(d, "#submit-dataset"), 10)
+
+    def datasets(d: WebDriver) -> Select:  # found anew each time: the page fills the list when the API answers
+        return Select(d.find_element(By.ID, "submit-dataset"))
+
+    until(browser, lambda d: MARKUP in [o.get_attribute("value") for o in datasets(d).options], 10, "the new name")
+    option = next(o for o in datasets(browser).options if o.get_attribute("value") == MARKUP)
     assert option.text.startswith(f"{MARKUP} (1800 images")
-    Select(select).select_by_value(MARKUP)
+    datasets(browser).select_by_value(MARKUP)
     browser.find_element(By.CSS_SELECTOR, "#submit-form button[type=submit]").click()
     message = until(browser, lambda d: visible(d, "#submit-message.error"), 10, "the refusal")
     assert message.text.startswith("not submitted:") and "dataset" in message.text
